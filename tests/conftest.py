@@ -1,0 +1,35 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference_dir() -> Path:
+    """``shared/reference`` beside the repository (CI clones with shared/ next to it)."""
+    return Path(os.environ.get("ACESTEP_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+
+
+@pytest.fixture(scope="session")
+def manifests() -> Path:
+    d = reference_dir() / "checkpoints"
+    if not d.is_dir():
+        pytest.skip(f"reference manifests not found at {d} (set ACESTEP_REFERENCE_DIR)")
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _cwd_untouched(tmp_path_factory):
+    """Tests must not write into the working directory."""
+    before = set(os.listdir("."))
+    yield
+    after = set(os.listdir("."))
+    created = sorted(after - before - {".pytest_cache", ".hypothesis", "__pycache__"})
+    assert not created, f"test wrote into the working directory: {created}"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
