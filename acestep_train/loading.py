@@ -243,7 +243,8 @@ def load_bundle(cfg: Mapping, device: str | torch.device = "cpu") -> ModelBundle
         if not (comp_root / sub).is_dir():
             raise CheckpointError(f"{comp_root / sub}: folder missing from {components}")
     vae = AudioVAE.from_pretrained(comp_root / vae_folder, dtype=cfg_dtype(cfg, "vae_dtype", torch.float32))
-    te = TextEncoder.from_pretrained(comp_root / te_folder, dtype=cfg_dtype(cfg, "text_encoder_dtype", dtype))
+    te = TextEncoder.from_pretrained(comp_root / te_folder, dtype=cfg_dtype(cfg, "text_encoder_dtype", dtype),
+                                     **dict(cfg.get("text_encoder_limits") or {}))
     silence = load_silence_latent(silence_path)
     if silence.shape[-1] != arch.audio_acoustic_hidden_dim:
         raise CheckpointError(f"{silence_path}: {silence.shape[-1]} channels, model expects "
@@ -272,7 +273,8 @@ def _random_bundle(name, cfg, arch, dtype, sampling, device) -> ModelBundle:
     vae = AudioVAE.from_config(dict(TINY_VAE_CONFIG) if vae_cfg == "tiny" else dict(vae_cfg))
     torch.manual_seed(seed + 2)
     te_cfg = cfg.get("text_encoder", "tiny")
-    te = TextEncoder.from_config(dict(TINY_QWEN3_CONFIG) if te_cfg == "tiny" else dict(te_cfg), build_tiny_tokenizer())
+    te = TextEncoder.from_config(dict(TINY_QWEN3_CONFIG) if te_cfg == "tiny" else dict(te_cfg), build_tiny_tokenizer(),
+                                 **dict(cfg.get("text_encoder_limits") or {}))
     silence = make_silence_latent(vae, frames=int(cfg.get("silence_frames", 15000)))
     return ModelBundle(name, model.to(device), vae.to(device), te.to(device), silence, sampling, None, {})
 

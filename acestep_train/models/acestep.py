@@ -30,6 +30,34 @@ class AceStepModel(nn.Module):
         for stack in (self.encoder.lyric_encoder, self.encoder.timbre_encoder):
             stack.gradient_checkpointing = enabled
 
+    def encode_conditions(
+        self,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+        lyric_embeds: torch.Tensor,
+        lyric_mask: torch.Tensor,
+        silence_latent: torch.Tensor,
+        refer_latents: torch.Tensor | None = None,
+        refer_order: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed condition sequence ``[B, L, W]`` and its mask, as training and sampling both build it.
+
+        Without references every item gets ``silence_latent[:timbre_fix_frame]`` as its timbre input (official
+        inference; literal zeros are out of distribution). ``refer_latents [N, F, 64]`` with ``refer_order [N]``
+        packs N references over the batch.
+        """
+        b = text_hidden.shape[0]
+        if refer_latents is None:
+            n = self.config.timbre_fix_frame
+            sil = silence_latent.reshape(1, -1, silence_latent.shape[-1])
+            if sil.shape[1] < n:
+                sil = sil.repeat(1, -(-n // sil.shape[1]), 1)
+            refer_latents = sil[:, :n].to(device=text_hidden.device, dtype=text_hidden.dtype).expand(b, -1, -1)
+            refer_order = torch.arange(b, device=text_hidden.device)
+        elif refer_order is None:
+            refer_order = torch.arange(refer_latents.shape[0], device=text_hidden.device)
+        return self.encoder(text_hidden, text_mask, lyric_embeds, lyric_mask, refer_latents, refer_order)
+
     def codes_to_hints(self, indices: torch.Tensor) -> torch.Tensor:
         """Audio codes ``[B, N(, Q)]`` -> 25 Hz hint latents ``[B, 5N, 64]`` (cover / LM-code conditioning)."""
         quantized = self.tokenizer.indices_to_quantized(indices)
