@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SILENCE_LATENT_FILE = "silence_latent.pt"
@@ -38,25 +37,61 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors or model-*.safetensors shards (folder holds {present})")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where tensor data starts; checks that the file
+    is long enough for every tensor the header lists (a truncated download fails here, naming the file)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length {n}, "
+                                  f"file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, the file has {size}")
+    return header, 8 + n
+
+
 def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` one at a time, converted to ``dtype`` if given, so at most one extra tensor
-    is alive beyond what the caller keeps."""
+    """Yield ``(key, tensor)`` one at a time, converted to ``dtype`` if given (floating tensors only).
+
+    Each tensor is read with ``readinto`` straight into its own storage (no memory map), so the process holds
+    one copy of the weights: the ones the caller keeps, plus at most one tensor in flight during a dtype cast.
+    """
     seen: dict[str, Path] = {}
     for path in files:
-        try:
-            f = safe_open(str(path), framework="pt", device="cpu")
-            keys = list(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
-        for key in keys:
-            if key in seen:
-                raise CheckpointError(f"{path}: key {key!r} also appears in {seen[key]}")
-            seen[key] = path
-            try:
-                t = f.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e}); is the file truncated?") from None
-            yield key, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+        header, start = read_safetensors_header(path)
+        with open(path, "rb", buffering=0) as f:
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if key in seen:
+                    raise CheckpointError(f"{path}: key {key!r} also appears in {seen[key]}")
+                seen[key] = path
+                if info.get("dtype") not in _ST_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+                t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+                lo, hi = (int(x) for x in info["data_offsets"])
+                if hi - lo != t.numel() * t.element_size():
+                    raise CheckpointError(f"{path}: tensor {key!r}: {hi - lo} bytes for shape {info['shape']} "
+                                          f"{info['dtype']}")
+                f.seek(start + lo)
+                buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+                if buf is not None and f.readinto(buf) != hi - lo:
+                    raise CheckpointError(f"{path}: tensor {key!r} is cut short; is the file truncated?")
+                yield key, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
