@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,13 +124,18 @@ def _inside_adapter(name: str) -> bool:
     return bool(re.search(r"\.(lora_[A-Za-z_]+|lokr_\w+|lora_magnitude_vector)(\.|$)", name))
 
 
+def _show(targets: str | Sequence[str]) -> str:
+    """A regex as written (no repr doubling of backslashes), a list as a list."""
+    return f"'{targets}'" if isinstance(targets, str) else repr(list(targets))
+
+
 def match_targets(decoder: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Module paths selected by ``target_modules`` under PEFT's rules; refuses non-Linear hits and empty results."""
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
         except re.error as e:
-            raise LoraError(f"target_modules {target_modules!r} is not a valid regular expression: {e}") from None
+            raise LoraError(f"target_modules {_show(target_modules)} is not a valid regular expression: {e}") from None
 
         def hit(name: str) -> bool:
             return pattern.fullmatch(name) is not None
@@ -147,7 +153,7 @@ def match_targets(decoder: nn.Module, target_modules: str | Sequence[str]) -> li
     if not matched:
         linears = linear_paths(decoder)
         raise LoraError(
-            f"target_modules {target_modules!r} matches no module of the {type(decoder).__name__} "
+            f"target_modules {_show(target_modules)} matches no module of the {type(decoder).__name__} "
             f"({len(linears)} Linear layers, e.g. {', '.join(linears[:6])}). A string is a regular expression that "
             "must match a whole module path (PEFT rule, re.fullmatch); preset names such as 'attention' are resolved "
             "by the caller from model.lora_targets.")
@@ -155,7 +161,7 @@ def match_targets(decoder: nn.Module, target_modules: str | Sequence[str]) -> li
     bad = [f"{n} ({type(base_linear(modules[n])).__name__})" for n in matched
            if not isinstance(base_linear(modules[n]), nn.Linear)]
     if bad:
-        raise LoraError(f"target_modules {target_modules!r} matches modules that are not nn.Linear: "
+        raise LoraError(f"target_modules {_show(target_modules)} matches modules that are not nn.Linear: "
                         f"{', '.join(bad[:6])}{' …' if len(bad) > 6 else ''}; narrow the pattern")
     return matched
 
@@ -247,8 +253,6 @@ def apply_lora(
             raise LoraError("use_rslora applies to kind='lora' only")
         config = peft.LoKrConfig(r=int(rank), alpha=alpha, rank_dropout=float(dropout), target_modules=modules)
     previous = adapter_names(decoder)
-    import warnings
-
     with warnings.catch_warnings():
         # "Already found a peft_config attribute": expected when a second adapter is injected.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
