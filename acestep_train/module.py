@@ -97,7 +97,10 @@ class AceStepModule(L.LightningModule):
         """An RNG that depends only on (seed, epoch, batch index, rank): a resumed run draws the same t, noise
         and dropout as an uninterrupted one."""
         g = torch.Generator()
-        g.manual_seed(hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % (2**63))
+        if self.objective.fixed_draws:
+            g.manual_seed(self.seed)
+        else:
+            g.manual_seed(hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % (2**63))
         return g
 
     def conditions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

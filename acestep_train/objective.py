@@ -29,6 +29,7 @@ class ObjectiveConfig:
     sigma: float = 1.0
     turbo_shift: float = 3.0  # which turbo table `turbo_discrete` draws from
     cfg_dropout: float = 0.15  # probability of replacing the whole condition by null_condition_emb
+    fixed_draws: bool = False  # debug: the same t, noise and dropout at every step (overfit-one-batch checks)
 
     def __post_init__(self):
         if self.timesteps not in TIMESTEP_KINDS:

@@ -43,6 +43,16 @@ class BundleEncoder:
         self._home: dict[str, torch.device] = {}
 
     @property
+    def latent_dim(self) -> int:
+        return self.bundle.vae.latent_dim
+
+    def compute_device(self) -> torch.device:
+        """Inside a distributed run each rank encodes on its own GPU (Lightning has set the current device)."""
+        if self.device.type == "cuda" and self.device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        return self.device
+
+    @property
     def model_hash(self) -> str:
         """Identifies everything that changes the cached tensors (weights' identity, dtypes, templates)."""
         b = self.bundle
@@ -66,7 +76,7 @@ class BundleEncoder:
         for name in ("vae", "text_encoder"):
             mod = getattr(self.bundle, name)
             self._home.setdefault(name, next(mod.parameters()).device)
-            mod.to(self.device)
+            mod.to(self.compute_device())
 
     def release(self) -> None:
         """Move the encoders back where they came from (CPU for training runs)."""
@@ -84,8 +94,9 @@ class BundleEncoder:
         out = []
         for i, rec in enumerate(records):
             n = int(round(rec.duration * vae.sample_rate))
-            clip = audio[i: i + 1, :, :n].to(self.device, vae_dtype)
-            g = torch.Generator(device=self.device)
+            device = self.compute_device()
+            clip = audio[i: i + 1, :, :n].to(device, vae_dtype)
+            g = torch.Generator(device=device)
             g.manual_seed(_item_seed(self.seed, rec))
             lat = vae.encode(clip, sample=self.sample, generator=g)[0]
             out.append({"latents": lat.float().cpu()})

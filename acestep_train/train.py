@@ -76,20 +76,11 @@ def _strategy_name(strategy) -> str | None:
 
 
 def build_datamodule(cfg: DictConfig):
-    """Instantiate ``cfg.data``; a ``demo`` entry first generates the demo dataset where ``metadata`` points."""
+    """Instantiate ``cfg.data``; ``data.global_batch_size`` (optional) sets the per-device batch size."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    demo = data.pop("demo", None)
     global_batch = data.pop("global_batch_size", None)
     if global_batch:
         data["batch_size"] = int(global_batch) // world_size(cfg)
-    if demo:
-        from datamodules.demo import make_demo_dataset
-
-        meta = Path(data["metadata"])
-        if not meta.is_file():
-            made = make_demo_dataset(meta.parent, **demo)
-            if made != meta:
-                raise RuntimeError(f"demo dataset wrote {made}, but data.metadata points at {meta}")
     return instantiate(data)
 
 
