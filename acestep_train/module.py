@@ -69,6 +69,9 @@ class AceStepModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.seed = int(seed)
         self.lora_settings = dict(lora or {})
+        # Micro-batches trained so far (saved in checkpoints): the per-step RNG is keyed on it, so a resumed run
+        # draws exactly what the uninterrupted run drew.
+        self.batches_trained = 0
         # Checkpoints hold only trained tensors; the frozen ones come from model.source again on resume.
         self.strict_loading = False
 
@@ -93,14 +96,14 @@ class AceStepModule(L.LightningModule):
                  f"{sum(p.numel() for p in self.model.parameters()):,}")
 
     # ---- the objective ----------------------------------------------------------------------------------------
-    def step_generator(self, batch_idx: int) -> torch.Generator:
-        """An RNG that depends only on (seed, epoch, batch index, rank): a resumed run draws the same t, noise
+    def step_generator(self) -> torch.Generator:
+        """An RNG that depends only on (seed, micro-batches trained, rank): a resumed run draws the same t, noise
         and dropout as an uninterrupted one."""
+        key = self.seed if self.objective.fixed_draws else hash((self.seed, self.batches_trained, self.global_rank))
         g = torch.Generator()
-        if self.objective.fixed_draws:
-            g.manual_seed(self.seed)
-        else:
-            g.manual_seed(hash((self.seed, self.current_epoch, batch_idx, self.global_rank)) % (2**63))
+        g.manual_seed(key % (2**63))
+        # Dropout inside the model (e.g. LoRA dropout) draws from the global RNG: key it the same way.
+        torch.manual_seed((key + 1) % (2**63))
         return g
 
     def conditions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +114,23 @@ class AceStepModule(L.LightningModule):
                 batch.text_hidden.to(dtype), batch.text_mask, batch.lyric_embeds.to(dtype), batch.lyric_mask,
                 self.silence_latent, None if batch.refer_latents is None else batch.refer_latents.to(dtype))
 
+    @staticmethod
+    def padded_noise(batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Noise drawn item by item over valid frames only, zero on padding: how much a clip is padded cannot
+        change the noise its valid frames get (one draw over the padded shape would)."""
+        b, t, d = batch.latents.shape
+        noise = torch.zeros(b, t, d)
+        for i, n in enumerate(batch.latent_mask.sum(1).tolist()):
+            noise[i, :n] = torch.randn(int(n), d, generator=generator)
+        return noise
+
     def loss_terms(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x0 = batch.latents
         b, t_frames, _ = x0.shape
         enc, enc_mask = self.conditions(batch)
         enc, dropped = drop_conditions(enc, self.model.null_condition_emb, self.objective.cfg_dropout, generator)
         t = sample_timesteps(b, self.objective, generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        noise = self.padded_noise(batch, generator).to(x0)
         x_t = noisy_latents(x0, noise, t)
         ctx = silence_context(self.silence_latent, b, t_frames).to(x0)
         dit_dtype = self.model.decoder.proj_in[1].weight.dtype
@@ -128,7 +141,8 @@ class AceStepModule(L.LightningModule):
         return {"loss": loss, "t": t, "dropped": dropped}
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch, self.step_generator(batch_idx))
+        terms = self.loss_terms(batch, self.step_generator())
+        self.batches_trained += 1
         loss = terms["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -167,13 +181,14 @@ class AceStepModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["acestep"] = {"mode": self.mode, "lora": self.lora_settings, "variant": self.aux["bundle"].name,
+        checkpoint["acestep"] = {"batches_trained": self.batches_trained, "mode": self.mode, "lora": self.lora_settings, "variant": self.aux["bundle"].name,
                                  "source": self.aux["bundle"].source, "objective": asdict(self.objective)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("acestep", {})
         if saved and saved.get("mode") != self.mode:
             raise ValueError(f"checkpoint was trained with mode={saved.get('mode')}, this run uses mode={self.mode}")
+        self.batches_trained = int(saved.get("batches_trained", 0))
         expected = self.trainable_state_keys()
         got = set(checkpoint["state_dict"])
         missing, unexpected = sorted(expected - got), sorted(got - expected)

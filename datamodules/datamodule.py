@@ -70,6 +70,7 @@ class AceStepDataModule(L.LightningDataModule):
         encode_batch_size: int = 1,
         progress: bool = True,
         demo: Mapping[str, Any] | None = None,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         check_on_error(on_error)
@@ -92,6 +93,9 @@ class AceStepDataModule(L.LightningDataModule):
         self.encode_batch_size = encode_batch_size
         self.progress = progress
         self.demo = dict(demo) if demo else None
+        self.shuffle = shuffle
+        self._train_sampler: BucketBatchSampler | None = None
+        self._resume_state: dict[str, int] | None = None
         self.encoder: Encoder | None = None
         self.train_dataset: CachedDataset | None = None
         self.val_dataset: CachedDataset | None = None
@@ -137,7 +141,29 @@ class AceStepDataModule(L.LightningDataModule):
         return self.train_dataset.manifest_hash
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._require(self.train_dataset), shuffle=True, drop_last=self.drop_last)
+        loader = self._loader(self._require(self.train_dataset), shuffle=self.shuffle, drop_last=self.drop_last)
+        self._train_sampler = loader.batch_sampler
+        if self._resume_state is not None:
+            # Lightning builds the loader (and its first iterator) before the loops are restored, so the position
+            # is applied here, from the state restored into the data module.
+            epoch, done = self._resume_state["epoch"], self._resume_state["batches_done"]
+            if done >= len(loader.batch_sampler):  # saved at the end of an epoch: continue with the next one
+                epoch, done = epoch + 1, 0
+            loader.batch_sampler.set_epoch(epoch)
+            loader.batch_sampler.resume(epoch, done)
+            self._resume_state = None
+        return loader
+
+    # ---- exact resume: saved into / restored from Lightning checkpoints --------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: (epoch, batches of it already trained)."""
+        if self.trainer is None or self._train_sampler is None:
+            return {}
+        done = int(self.trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {"epoch": int(self._train_sampler.epoch), "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_state = dict(state) if state else None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

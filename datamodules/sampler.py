@@ -83,15 +83,27 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.pool_batches = pool_batches
         self.epoch = 0
         self.sampler = _EpochForwarder(self)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` start after its first ``batches_done`` batches (exact resume of an
+        interrupted epoch: the order is a pure function of (seed, epoch), so nothing repeats or is skipped)."""
+        if batches_done < 0:
+            raise ValueError(f"batches_done must be >= 0, got {batches_done}")
+        self._resume = (int(epoch), int(batches_done))
 
     def __len__(self) -> int:
         return len(self._global_batches())
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._global_batches():
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+            self._resume = None
+        for batch in self._global_batches()[skip:]:
             yield batch[self.rank :: self.world_size]
 
     def _global_batches(self) -> list[list[int]]:

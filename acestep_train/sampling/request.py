@@ -8,25 +8,30 @@ official-pipeline knobs. ``None`` means "the model's :class:`~acestep_train.load
 shift, schedule and guidance; ``semantics`` picks the official behaviour (default) or DiffSynth's where the two
 differ (``pipeline.md`` §9):
 
-=====================  ===================================================  ==============================================
-item                   ``semantics="official"``                               ``semantics="diffsynth"``
-=====================  ===================================================  ==============================================
-text2music length      ``max(128, int(round(d, 1)·48000) // 1920)`` frames    ``round(25·d)`` frames
-metas duration         requested (text2music) / output length (audio tasks)   the ``duration`` argument (default 60)
-schedule               turbo tables (shift rounded to 1/2/3) or linspace+shift linspace(strength, 0)+shift, raw shift
-guidance default       the model's (turbo none, base/sft APG 7.0)             plain CFG whenever ``cfg_scale != 1``
-``denoising_strength``  schedule truncated at the nearest t (fewer steps)      N steps from the *shifted* strength
-cover hints            cropped to the source length                           not cropped (up to 4 more frames)
-repaint                chunk mask 1 in the region only, silence inside,        chunk mask all ones, soft silence blend by
-                       source injection for the first 50 % of steps, 10-      ``repainting_strength``, velocity blend on
-                       frame crossfade                                        every step, padding fully repainted
-VAE encode of inputs   posterior sample (seeded from ``seed``)                posterior mean (diffsynth 2.1.12 behaviour)
-=====================  ===================================================  ==============================================
+* text2music length: official ``max(128, int(round(d, 1)·48000) // 1920)`` frames; diffsynth ``round(25·d)``.
+* metas duration: official the request's (text2music) or the output length (audio tasks); diffsynth always the
+  ``duration`` argument (default 60 s).
+* schedule: official turbo tables (shift rounded to 1/2/3, 8 steps) or linspace + shift per the variant; diffsynth
+  ``linspace(denoising_strength, 0, N+1)[:-1]`` shifted by the raw shift.
+* guidance default: official the variant's (turbo none, base/sft APG 7.0); diffsynth plain CFG when
+  ``cfg_scale != 1``.
+* ``denoising_strength < 1``: official truncates the schedule at the entry nearest to it (fewer steps) and starts
+  from ``t0·noise + (1-t0)·source``; diffsynth keeps N steps from the *shifted* strength.
+* cover hints: official cropped to the source length; diffsynth not cropped (up to 4 more frames).
+* repaint: official chunk mask 1 only in the region with silence latents there, the noised source injected
+  outside for the first 50 % of steps, a 10-frame crossfade at the end; diffsynth chunk mask all ones, a soft
+  silence blend by ``repainting_strength``, a velocity blend towards the source on every step, padding fully
+  repainted, no crossfade.
+* VAE encode of inputs: official a posterior sample (seeded from ``seed``); diffsynth the posterior mean (what
+  diffsynth 2.1.12's ``sample()`` returns).
+* VAE decode: official 512-frame tiles with 64 discarded frames per side; diffsynth one pass (its ``tiled=False``).
 
-Noise: ``torch.randn([1, T, 64], generator=torch.Generator(rand_device).manual_seed(seed), device=rand_device,
-dtype=DiT dtype)`` per item, then moved to the model device: exactly DiffSynth's ``generate_noise`` (its default
-``rand_device="cpu"``; its batch is always one item). The official pipeline draws on the model device; pass
-``rand_device="cuda"`` for that convention.
+Noise: per item ``torch.randn([1, T, dim], generator=torch.Generator(rand_device).manual_seed(seed),
+device=rand_device, dtype=<DiT dtype>)``, then moved to the model device and kept in float32. This is exactly
+DiffSynth's ``generate_noise(shape, seed, rand_device, rand_torch_dtype=pipe.torch_dtype)`` (its default
+``rand_device="cpu"``; its batch is always one item, so a batch of ours draws each item as DiffSynth would draw it
+alone), and the same seed gives the same noise whatever else is in the batch. The official pipeline draws on the
+model device: pass ``rand_device="cuda"`` for that convention.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ How a call runs:
 4. Euler steps over the schedule; with guidance, conditional and unconditional rows go through ONE DiT forward;
    the cross-attention K/V of the (constant) condition are computed once, and again only when a cover item switches
    to its text2music condition;
-5. each item's latents are VAE-decoded at its own length, anti-clipped and peak-normalised to -1 dBFS.
+5. each item's latents are VAE-decoded at its own length (official: 512-frame tiles with 64 frames of discarded
+   context per side; diffsynth: one pass), anti-clipped and peak-normalised to -1 dBFS.
 
 Latents are kept in float32 between steps and cast to the DiT dtype for each forward; the DiT sees
 ``t`` in its dtype (bf16: ``bf16(bf16(t)·1000)`` inside the timestep embedding, the official rounding).
@@ -91,10 +92,11 @@ class Sampler:
     """Generate audio from :class:`GenerationRequest` s with one loaded :class:`~acestep_train.loading.ModelBundle`.
 
     ``tiled_decode``: decode long latents in 512-frame windows with 64 frames of discarded context per side
-    (official); outputs up to 512 frames (20.48 s) are decoded in one pass either way.
+    (official default) or in one pass (DiffSynth default); None follows each request's ``semantics``. Outputs up to
+    512 frames (20.48 s) are decoded in one pass either way.
     """
 
-    def __init__(self, bundle, *, tiled_decode: bool = True):
+    def __init__(self, bundle, *, tiled_decode: bool | None = None):
         self.bundle = bundle
         self.tiled_decode = tiled_decode
 
@@ -168,6 +170,20 @@ class Sampler:
         return encode_conditions(self.bundle, [b.plans[i].condition_fields(task) for i in rows],
                                  [b.ctxs[i].refer for i in rows])
 
+    @staticmethod
+    def _switch_rows(b: _Batch, due: list[int], switch_rows: list[int], cond, alt):
+        """Give the ``due`` cover items their text2music condition rows and silence context source."""
+        width = max(cond[0].shape[1], alt[0].shape[1])
+        enc, enc_mask = _pad_condition(*cond, width)
+        alt_enc, alt_mask = _pad_condition(*alt, width)
+        enc, enc_mask, src = enc.clone(), enc_mask.clone(), b.src.clone()
+        for i in due:
+            j = switch_rows.index(i)
+            enc[i], enc_mask[i] = alt_enc[j], alt_mask[j]
+            src[i, : b.frames[i]] = b.ctxs[i].alt_src
+        b.src = src
+        return enc, enc_mask
+
     def _denoise(self, plans: list[Plan], progress: bool) -> torch.Tensor:
         model = self.bundle.model
         dit = model.decoder
@@ -200,16 +216,8 @@ class Sampler:
         for step, (t, dt) in enumerate(zip(schedule.timesteps, deltas)):
             due = [i for i in switch_rows if i not in switched and step >= plans[i].cover_switch_step]
             if due:  # cover -> text2music: new condition rows, silence context, fresh cross-attention K/V
-                width = max(enc.shape[1], alt_enc.shape[1])
-                enc, enc_mask = _pad_condition(enc, enc_mask, width)
-                alt_enc, alt_mask = _pad_condition(alt_enc, alt_mask, width)
-                src = b.src.clone()
-                for i in due:
-                    j = switch_rows.index(i)
-                    enc[i], enc_mask[i] = alt_enc[j], alt_mask[j]
-                    src[i, : b.frames[i]] = b.ctxs[i].alt_src
-                    switched.add(i)
-                b.src = src
+                enc, enc_mask = self._switch_rows(b, due, switch_rows, (enc, enc_mask), (alt_enc, alt_mask))
+                switched.update(due)
                 context = torch.cat([b.src, b.chunk], dim=-1).to(dtype)
                 kv = None
             if kv is None:
@@ -256,13 +264,14 @@ class Sampler:
 
     def _decode(self, plans: list[Plan], latents: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """VAE-decode each item at its own length (equal lengths together), then anti-clip + -1 dBFS per track."""
-        by_len: dict[int, list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
         for p in plans:
-            by_len.setdefault(p.frames, []).append(p.index)
+            tile = (p.semantics == "official") if self.tiled_decode is None else self.tiled_decode
+            groups.setdefault((p.frames, tile), []).append(p.index)
         out = {}
-        for idx in by_len.values():
+        for (_, tile), idx in groups.items():
             z = torch.stack([latents[i] for i in idx])
-            audio = self.bundle.vae.decode(z, tile=self.tiled_decode).float().cpu()
+            audio = self.bundle.vae.decode(z, tile=tile).float().cpu()
             for i, a in zip(idx, audio):
                 out[i] = normalize_output(a)
         return out

@@ -1,19 +1,17 @@
-"""Per-task context of one item (``pipeline.md`` §6): the DiT's context latents ``[src(64) | chunk mask(64)]``, where
-sampling starts from, and what the repaint / cover-switch logic needs. This is where the heavy encoders run
-(VAE encode of source, input and reference audio; audio tokenizer / detokenizer for cover hints).
+"""Per-task context of one item (``pipeline.md`` §6): the DiT's context latents ``[src | chunk mask]``, where
+sampling starts from, and what the repaint / cover-switch logic needs. This is where the heavy encoders run (VAE
+encode of source, input and reference audio; audio tokenizer / detokenizer for cover hints).
 
-=================  ==========================================  ==========  ==========================================
-task               context source                              chunk mask  extra
-=================  ==========================================  ==========  ==========================================
-text2music         ``silence_latent[:T]``                      1
-cover              detok(tok(VAE(src))) or decoded codes       1           text2music condition + silence context
-                                                                           after ``int(N·audio_cover_strength)`` steps
-repaint official   VAE(src), region replaced by silence        1 in region injection of the noised source outside the
-                                                               0 outside   region for the first 50 % of steps, then a
-                                                                           10-frame crossfade back to the source
-repaint diffsynth  ``VAE(src)·(1-m) + silence·m``               1           ``v = v_src·(1-m) + v·m`` every step, with
-                   (m = strength in ranges, 1 in padding)                  ``v_src = (x_t - VAE(src)) / t``
-=================  ==========================================  ==========  ==========================================
+* text2music: source ``silence_latent[:T]``, chunk mask 1.
+* cover: source ``detok(tok(VAE(src)))`` or the decoded ``<|audio_code_N|>`` codes, chunk mask 1; after
+  ``int(N·audio_cover_strength)`` steps the sampler switches the item to its text2music condition and a silence
+  source.
+* repaint, official: source ``VAE(src)`` with the region replaced by silence latents, chunk mask 1 in the region
+  and 0 outside; the sampler injects the noised source outside the region for the first 50 % of steps and
+  crossfades back to the clean source over 10 frames at the end.
+* repaint, diffsynth: source ``VAE(src)·(1-m) + silence·m`` (m = ``repainting_strength`` in the ranges, 1 in the
+  padding, 0 elsewhere), chunk mask 1; the sampler blends ``v = v_src·(1-m) + v·m`` on every step with
+  ``v_src = (x_t - VAE(src)) / t``.
 """
 
 from __future__ import annotations

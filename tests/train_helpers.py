@@ -1,0 +1,57 @@
+"""Compose the real training config with tiny overrides and run it (shared by the training tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from acestep_train.variants import CONF_DIR
+
+
+def compose_train(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """``conf/train.yaml`` + overrides, with the Hydra runtime set as ``python -m acestep_train`` would."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hydra.run.dir={run_dir}"] + overrides,
+                      return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)  # set by a real `python -m` run, not by compose()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def tiny_overrides(data: dict, extra: list[str] = ()) -> list[str]:
+    """model=tiny on CPU, quiet, no validation audio, on a prepared demo dataset + shared feature cache."""
+    return ["model=tiny", "trainer=cpu", "logger=[csv]", "trainer.enable_progress_bar=false",
+            "callbacks.validation_audio=null", "data=audio", f"data.metadata={data['metadata']}",
+            f"data.cache_dir={data['cache']}", "data.max_duration=3.0", "data.batch_size=2", "data.progress=false",
+            *extra]
+
+
+def run_train(run_dir: Path, overrides: list[str]) -> dict:
+    from acestep_train.train import run
+
+    return run(compose_train(run_dir, overrides))
+
+
+def trained_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+class StopAtStep:
+    """Test callback: ends training right after optimizer step ``step`` (an interruption with the same config)."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Stop(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step >= step:
+                    trainer.should_stop = True
+
+        return _Stop()
