@@ -20,6 +20,11 @@ _SCALES = {"major": [0, 2, 4, 5, 7, 9, 11], "minor": [0, 2, 3, 5, 7, 8, 10]}
 # Scale-degree roots of a four-bar progression: I-V-vi-IV in major, i-VI-III-VII in minor.
 _PROGRESSIONS = {"major": [0, 4, 5, 3], "minor": [0, 5, 2, 6]}
 _GENRES = ["synth-pop", "lo-fi", "chiptune", "house", "ambient pop", "indie electronic"]
+_LYRICS = (
+    "[verse]\nunder the neon light\nwe keep the rhythm tight\n[chorus]\nhold on, hold on tonight",
+    "[verse]\nslow waves on the shore\nsilver skies and nothing more",
+    "[chorus]\nrun, run, run away\nfind the sun another day",
+)
 _COLUMNS = ["audio", "prompt", "lyrics", "bpm", "keyscale", "timesignature", "vocal_language", "duration"]
 
 
@@ -48,7 +53,10 @@ def make_demo_dataset(root: str | Path, n: int = 8, seconds: float = 4.0, seed: 
         genre = _GENRES[int(rng.integers(len(_GENRES)))]
         prompt = (f"instrumental {genre} loop, deep bass line, warm pad chords, plucked lead melody, "
                   f"kick and hi-hat groove, {'waltz feel' if beats_per_bar == 3 else 'steady 4/4 beat'}")
-        rows.append([name, prompt, "[Instrumental]", bpm, keyscale, beats_per_bar, "unknown", seconds])
+        # Every other clip carries sung-style lyrics (the demo "vocals" are the lead synth), so both lyric
+        # branches — real lyrics and the instrumental tag — are exercised.
+        lyrics, language = ("[Instrumental]", "unknown") if i % 2 else (_LYRICS[i // 2 % len(_LYRICS)], "en")
+        rows.append([name, prompt, lyrics, bpm, keyscale, beats_per_bar, language, seconds])
     path = root / "metadata.csv"
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -205,16 +205,20 @@ def test_bad_audio_is_skipped_with_file_and_row(tmp_path: Path, caplog: pytest.L
     with caplog.at_level(logging.WARNING, logger="datamodules"):
         manifest = _build(records, ToyEncoder(), tmp_path / "cache")
     data = read_manifest(manifest)
-    assert [e["row"] for e in data["entries"]] == [2]
+    # Rows are the CSV lines where each record starts (multi-line lyrics push later rows down).
+    row = {r.audio.name: r.row for r in records}
+    assert [e["row"] for e in data["entries"]] == [row["clip_00.wav"]]
     assert [(s["row"], s["problem"].split(":")[0]) for s in data["skipped"]] == [
-        (3, str(tmp_path / "data" / "clip_01.flac")), (4, str(tmp_path / "data" / "clip_02.wav"))]
+        (row["clip_01.flac"], str(tmp_path / "data" / "clip_01.flac")),
+        (row["clip_02.wav"], str(tmp_path / "data" / "clip_02.wav"))]
     messages = [r.getMessage() for r in caplog.records]
-    assert any(f"{meta} row 3: {tmp_path / 'data' / 'clip_01.flac'}: cannot decode audio" in m for m in messages)
-    assert any(f"{meta} row 4: {tmp_path / 'data' / 'clip_02.wav'}: 2 of 96000 samples are NaN" in m
+    assert any(f"{meta} row {row['clip_01.flac']}: {tmp_path / 'data' / 'clip_01.flac'}: cannot decode audio" in m
                for m in messages)
-    with pytest.raises(AudioError, match=rf"{meta} row 3: .*clip_01\.flac: cannot decode audio"):
+    assert any(f"{meta} row {row['clip_02.wav']}: {tmp_path / 'data' / 'clip_02.wav'}: 2 of 96000 samples are NaN"
+               in m for m in messages)
+    with pytest.raises(AudioError, match=rf"{meta} row {row['clip_01.flac']}: .*clip_01\.flac: cannot decode audio"):
         _build(records, ToyEncoder(), tmp_path / "cache2", on_error="raise")
-    with pytest.raises(AudioError, match=rf"{meta} row 4: .*clip_02\.wav: 2 of 96000 samples are NaN"):
+    with pytest.raises(AudioError, match=rf"{meta} row {row['clip_02.wav']}: .*clip_02\.wav: 2 of 96000 samples are NaN"):
         _build(records[:1] + records[2:], ToyEncoder(), tmp_path / "cache3", on_error="raise")
 
 

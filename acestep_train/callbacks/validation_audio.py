@@ -96,7 +96,7 @@ class ValidationAudio(L.Callback):
             module.train(was_training)
         out = self.run_dir(trainer) / f"step_{step:06d}"
         files = []
-        for i, (req, audio, params) in enumerate(zip(requests, result.audio, result.params)):
+        for i, (req, audio, params) in enumerate(zip(requests, result.tracks(), result.params)):
             stem = out / f"{i:02d}_{_slug(req.prompt)}"
             wav = write_audio(stem.with_suffix(".wav"), audio, 48000)
             png = save_spectrogram_png(stem.with_suffix(".png"), audio, 48000, title=f"step {step}: {req.prompt}")
