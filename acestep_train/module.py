@@ -41,6 +41,7 @@ class AceStepModule(L.LightningModule):
         gradient_checkpointing: recompute each DiT layer in backward instead of storing its activations.
         offload_activations: keep the activations saved for backward in CPU memory.
         seed: base of the per-step RNG.
+        frozen_fp8: hold the frozen linear weights of the DiT and condition encoder in FP8 (LoRA modes only).
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class AceStepModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         offload_activations: bool = False,
         seed: int = 0,
+        frozen_fp8: bool = False,
     ):
         super().__init__()
         if mode not in MODES:
@@ -88,6 +90,14 @@ class AceStepModule(L.LightningModule):
         else:
             # Full fine-tuning keeps float32 master weights; bf16 compute comes from the trainer's precision.
             self.model.decoder.float().requires_grad_(True)
+        if frozen_fp8:
+            if mode != "lora" or self.lora_settings.get("use_dora"):
+                raise ValueError("frozen_fp8 needs mode=lora: full fine-tuning trains the DiT's linears, and DoRA "
+                                 "reads the base weights to compute its magnitudes")
+            from .fp8 import store_frozen_linears_in_fp8
+
+            n = store_frozen_linears_in_fp8(self.model.decoder) + store_frozen_linears_in_fp8(self.model.encoder)
+            log.info("frozen_fp8: %d frozen linear layers stored in float8_e4m3fn", n)
         self.model.set_gradient_checkpointing(gradient_checkpointing, offload_activations)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         if n_train == 0:

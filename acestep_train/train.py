@@ -52,6 +52,7 @@ def build_module(cfg: DictConfig, bundle) -> AceStepModule:
         gradient_checkpointing=bool(mode.gradient_checkpointing),
         offload_activations=bool(mode.offload_activations),
         seed=int(cfg.seed),
+        frozen_fp8=bool(mode.get("frozen_fp8", False)),
     )
 
 
