@@ -29,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 import types
@@ -207,13 +208,15 @@ def _light_bundle(model_cfg: Mapping):
 
 
 def precheck_requests(requests: Sequence[Any], model_cfg: Mapping) -> None:
-    """The sampler's own request validation (task, duration, audio files, codes, schedule …) before any weights load."""
+    """The sampler's own request validation (task, duration, audio files, codes, schedule …) before weights load."""
     from .sampling import plan_request
 
     light = _light_bundle(model_cfg)
     for i, r in enumerate(requests):
         try:
             plan_request(light, r, i)
+        except TypeError as e:  # a value of the wrong kind (e.g. timesteps=5): still the input's fault
+            raise GenerateError(f"request {i}: {e}") from None
         except AttributeError as e:  # validation now reads more of the bundle: it runs again after loading
             log.debug("request pre-check skipped (%s); the sampler validates after loading", e)
             return
@@ -380,7 +383,9 @@ def run(cfg: DictConfig | Mapping) -> list[dict[str, Any]]:
             "device": device, "tiled_decode": tiled, "vram_limit_gb": vram_limit,
             "offload": offload_report if mgr is not None else None,
             "batch": {"index": i, "size": len(tracks), "files": [p.name for p in job.outputs]},
-            "overrides": overrides, "command": "python -m acestep_train.generate " + " ".join(overrides or []),
+            "overrides": overrides,
+            "command": None if overrides is None else " ".join(["python -m acestep_train.generate",
+                                                                 *map(shlex.quote, overrides)]),
             "acestep_train_version": __version__, "torch_version": torch.__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "generation_seconds": round(gen_seconds, 3),

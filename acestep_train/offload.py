@@ -373,7 +373,8 @@ class OffloadManager:
 
     def _check_storage(self) -> None:
         mods = [self.bundle.model, self.bundle.vae, self.bundle.text_encoder]
-        wrong = sorted({str(t.device) for m in mods for t in (*m.parameters(), *m.buffers()) if t.device != self.storage})
+        wrong = sorted({str(t.device) for m in mods for t in (*m.parameters(), *m.buffers())
+                        if t.device != self.storage})
         if wrong:
             raise OffloadError(f"the bundle's weights must be on the storage device {self.storage} before attaching "
                                f"(found {wrong}); load it with device='{self.storage}'")

@@ -95,9 +95,12 @@ def test_other_groups_compose(group_option, tmp_path):
 
 
 def test_experiments_open_with_their_command():
+    """Line 1 is Hydra's package header (it must come first); the command follows right after."""
     for path in (CONF_DIR / "experiment").glob("*.yaml"):
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# python -m acestep_train"), f"{path.name} must open with its exact command"
+        lines = path.read_text().splitlines()
+        assert lines[0] == "# @package _global_", path.name
+        assert lines[1].startswith(f"# python -m acestep_train experiment={path.stem} "), (
+            f"{path.name} must open with its exact command")
 
 
 def test_root_config_is_a_table_of_contents():
