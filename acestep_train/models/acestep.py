@@ -48,15 +48,33 @@ class AceStepModel(nn.Module):
         """
         b = text_hidden.shape[0]
         if refer_latents is None:
-            n = self.config.timbre_fix_frame
-            sil = silence_latent.reshape(1, -1, silence_latent.shape[-1])
-            if sil.shape[1] < n:
-                sil = sil.repeat(1, -(-n // sil.shape[1]), 1)
-            refer_latents = sil[:, :n].to(device=text_hidden.device, dtype=text_hidden.dtype).expand(b, -1, -1)
-            refer_order = torch.arange(b, device=text_hidden.device)
-        elif refer_order is None:
+            # The silence reference is the same for every item and step: encode it once (not B times per step).
+            timbre = self.silence_timbre(silence_latent, text_hidden.device, text_hidden.dtype)
+            order = torch.arange(b, device=text_hidden.device)
+            return self.encoder(text_hidden, text_mask, lyric_embeds, lyric_mask, None, order,
+                                timbre_packed=timbre.expand(b, -1))
+        if refer_order is None:
             refer_order = torch.arange(refer_latents.shape[0], device=text_hidden.device)
         return self.encoder(text_hidden, text_mask, lyric_embeds, lyric_mask, refer_latents, refer_order)
+
+    def silence_timbre(self, silence_latent: torch.Tensor, device, dtype) -> torch.Tensor:
+        """Timbre-encoder output ``[1, W]`` for ``silence_latent[:timbre_fix_frame]``, cached until the timbre
+        encoder's weights or the silence latent change (or gradients through the encoder are wanted)."""
+        enc = self.encoder.timbre_encoder
+        w = enc.embed_tokens.weight
+        key = (silence_latent.data_ptr(), silence_latent._version, w.data_ptr(), w._version, str(device), dtype)
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in enc.parameters())
+        cached = getattr(self, "_silence_timbre", None)
+        if not trainable and cached is not None and cached[0] == key:
+            return cached[1]
+        n = self.config.timbre_fix_frame
+        sil = silence_latent.reshape(1, -1, silence_latent.shape[-1])
+        if sil.shape[1] < n:
+            sil = sil.repeat(1, -(-n // sil.shape[1]), 1)
+        out = enc(sil[:, :n].to(device=device, dtype=dtype))
+        if not trainable:
+            self._silence_timbre = (key, out.detach())
+        return out
 
     def codes_to_hints(self, indices: torch.Tensor) -> torch.Tensor:
         """Audio codes ``[B, N(, Q)]`` -> 25 Hz hint latents ``[B, 5N, 64]`` (cover / LM-code conditioning)."""

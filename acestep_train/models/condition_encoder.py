@@ -93,12 +93,16 @@ class ConditionEncoder(nn.Module):
         text_attention_mask: torch.Tensor,
         lyric_hidden_states: torch.Tensor,
         lyric_attention_mask: torch.Tensor,
-        refer_audio_packed: torch.Tensor,
+        refer_audio_packed: torch.Tensor | None,
         refer_audio_order_mask: torch.Tensor,
+        timbre_packed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``timbre_packed [N, W]`` may replace ``refer_audio_packed`` with already-encoded references."""
         text = self.text_projector(text_hidden_states)
         lyric = self.lyric_encoder(lyric_hidden_states, lyric_attention_mask)
-        timbre, timbre_mask = unpack_by_order(self.timbre_encoder(refer_audio_packed), refer_audio_order_mask)
+        if timbre_packed is None:
+            timbre_packed = self.timbre_encoder(refer_audio_packed)
+        timbre, timbre_mask = unpack_by_order(timbre_packed, refer_audio_order_mask)
         if timbre.shape[0] != text.shape[0]:
             raise ValueError(f"refer_audio_order_mask covers {timbre.shape[0]} batch items but the caption batch "
                              f"has {text.shape[0]}; every item needs at least one reference (silence if none)")
