@@ -8,6 +8,7 @@ and the fix. No Lightning import: the checks run before the Trainer exists.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -174,6 +175,52 @@ def check_accelerator(strategy_name: str | None, accelerator: str | None, cuda_a
             f"accelerator={accelerator} needs a CUDA GPU; this machine has none; "
             "use trainer=cpu or trainer=ddp with accelerator=cpu"
         )
+
+
+def check_strategy_installed(strategy_name: str | None) -> None:
+    """Check that a DeepSpeed strategy's package imports, before the model is loaded and the cache is built
+    (otherwise the strategy fails only when the Trainer is built).
+
+    Args:
+        strategy_name: ``trainer.strategy`` as a name or class path (see ``check_accelerator``).
+    """
+    short = str(strategy_name or "").rsplit(".", 1)[-1]
+    if "deepspeed" in short.lower() and importlib.util.find_spec("deepspeed") is None:
+        raise StartupCheckError(
+            f"strategy {short} needs the deepspeed package, which is not installed; install it with "
+            "`pip install 'acestep-train[deepspeed]'`, or use trainer=fsdp or trainer=ddp"
+        )
+
+
+def check_fsdp_dtype(strategy_name: str | None, model_dtype: str | None, precision: str | None,
+                     frozen_fp8: bool = False) -> None:
+    """Check that FSDP will not have to flatten weights of two dtypes into one tensor.
+
+    FSDP (``torch.distributed.fsdp``, as Lightning's ``FSDPStrategy`` uses it) flattens every wrapped unit - here
+    one DiT layer, plus one root unit for everything else - into a single tensor, which has a single dtype
+    ("Must flatten tensors with uniform dtype"). A bf16 base (``model.dtype=bfloat16``, the released variants)
+    mixes with float32 tensors in every mode: LoRA adapters are kept in float32, and full fine-tuning keeps the
+    DiT in float32 while the condition encoder stays bf16. With mixed precision the weights are not cast first,
+    so ask for float32 weights (FSDP then gathers fp32 shards and computes in bf16 under autocast).
+    ``precision=*-true`` casts the whole module to one dtype and passes. ``mode.frozen_fp8`` (frozen linears in
+    float8 beside float32 adapters) never can.
+    """
+    short = str(strategy_name or "").rsplit(".", 1)[-1]
+    if "fsdp" in short.lower() and frozen_fp8:
+        raise StartupCheckError(
+            f"strategy {short} with mode.frozen_fp8=true: FSDP flattens each DiT layer into one tensor of one dtype, "
+            "and float8 frozen weights cannot share it with the float32 LoRA adapters; set mode.frozen_fp8=false, "
+            "or use trainer=ddp or trainer=deepspeed_zero2"
+        )
+    dtype = str(model_dtype or "float32").lower().removeprefix("torch.")
+    if "fsdp" not in short.lower() or dtype in ("float32", "fp32", "32") or str(precision).endswith("-true"):
+        return
+    raise StartupCheckError(
+        f"strategy {short} with model.dtype={model_dtype} and precision={precision}: FSDP flattens each DiT layer "
+        "into one tensor of one dtype, but the run mixes these weights with float32 ones (LoRA adapters, or the "
+        "fully trained DiT); set model.dtype=float32 (FSDP then shards fp32 weights and computes in bf16), or use "
+        "trainer=deepspeed_zero2 or trainer=ddp"
+    )
 
 
 def check_peft_available() -> None:

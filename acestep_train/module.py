@@ -10,7 +10,7 @@ bit-exactly), checkpoints that hold only the trained weights, and a loud stop on
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -116,6 +116,23 @@ class AceStepModule(L.LightningModule):
         torch.manual_seed((key + 1) % (2**63))
         return g
 
+    def sample_generators(self, batch: Batch) -> list[torch.Generator]:
+        """One RNG per sample, keyed on (seed, micro-batches trained, the sample's position in the *global* batch).
+
+        ``BucketBatchSampler`` deals item k of a global batch to rank ``k % world_size`` as its local item
+        ``k // world_size``, so local item i of rank r is global item ``i * world_size + r``. Keyed on that position
+        (not on the rank), a DDP step draws for every sample exactly the t, noise and condition dropout that one
+        process training the whole global batch draws; keyed on ``batches_trained``, a resumed run draws what the
+        uninterrupted one did.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        gens = []
+        for i in range(len(batch)):
+            pos = i * world + self.global_rank
+            key = hash((self.seed, self.batches_trained, pos, 1))  # a 4-tuple: never step_generator's key
+            gens.append(torch.Generator().manual_seed(key % (2**63)))
+        return gens
+
     def conditions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The packed condition of a batch: exactly the code path the sampler uses."""
         dtype = self.model.encoder.text_projector.weight.dtype
@@ -134,13 +151,36 @@ class AceStepModule(L.LightningModule):
             noise[i, :n] = torch.randn(int(n), d, generator=generator)
         return noise
 
-    def loss_terms(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def draws(self, batch: Batch, enc: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator]):
+        """Condition dropout, t and noise for a batch: ``(enc, dropped, t, noise)``.
+
+        One generator draws for the whole batch (validation, tests); a list (``sample_generators``) draws sample i
+        from ``generator[i]`` alone, exactly what a one-sample batch would draw from it.
+        """
+        p = self.objective.cfg_dropout
+        if isinstance(generator, torch.Generator):
+            enc, dropped = drop_conditions(enc, self.model.null_condition_emb, p, generator)
+            t = sample_timesteps(len(batch), self.objective, generator)
+            return enc, dropped, t, self.padded_noise(batch, generator)
+        if len(generator) != len(batch):
+            raise ValueError(f"{len(generator)} generators for a batch of {len(batch)}")
+        b, t_frames, d = batch.latents.shape
+        encs, dropped, t, noise = [], [], [], torch.zeros(b, t_frames, d)
+        for i, (g, n) in enumerate(zip(generator, batch.latent_mask.sum(1).tolist())):
+            e, drop = drop_conditions(enc[i : i + 1], self.model.null_condition_emb, p, g)
+            encs.append(e)
+            dropped.append(drop)
+            t.append(sample_timesteps(1, self.objective, g))
+            noise[i, :n] = torch.randn(int(n), d, generator=g)
+        return torch.cat(encs), torch.cat(dropped), torch.cat(t), noise
+
+    def loss_terms(self, batch: Batch,
+                   generator: torch.Generator | Sequence[torch.Generator]) -> dict[str, torch.Tensor]:
         x0 = batch.latents
         b, t_frames, _ = x0.shape
         enc, enc_mask = self.conditions(batch)
-        enc, dropped = drop_conditions(enc, self.model.null_condition_emb, self.objective.cfg_dropout, generator)
-        t = sample_timesteps(b, self.objective, generator, device=x0.device)
-        noise = self.padded_noise(batch, generator).to(x0)
+        enc, dropped, t, noise = self.draws(batch, enc, generator)
+        t, noise = t.to(x0.device), noise.to(x0)
         x_t = noisy_latents(x0, noise, t)
         ctx = silence_context(self.silence_latent, b, t_frames).to(x0)
         dit_dtype = self.model.decoder.proj_in[1].weight.dtype
@@ -151,17 +191,35 @@ class AceStepModule(L.LightningModule):
         return {"loss": loss, "t": t, "dropped": dropped}
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch, self.step_generator())
+        generator = self.step_generator()  # also keys the global RNG (dropout inside the model) on (seed, step, rank)
+        # Per-sample draws make DDP train what one process would; debug=overfit keeps its one fixed batch draw.
+        terms = self.loss_terms(batch, generator if self.objective.fixed_draws else self.sample_generators(batch))
         self.batches_trained += 1
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
+        loss, global_loss = self.global_frame_mean(terms["loss"], batch)
+        if not torch.isfinite(global_loss):  # every rank sees it (one rank raising alone would hang the others)
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at global step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); samples in this batch: {', '.join(batch.ids)}")
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+                f"non-finite loss ({global_loss.item()}) at global step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx}); samples in this batch: {', '.join(batch.ids)}")
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=len(batch))
         self.log("train/t_mean", terms["t"].mean(), batch_size=len(batch))
         self.log("train/frames", batch.latent_mask.sum().float(), batch_size=len(batch), reduce_fx="sum")
         return loss
+
+    def global_frame_mean(self, loss: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rescale this rank's valid-frame mean so that DDP's gradient average is the mean over the valid frames of
+        the whole global batch (ranks usually hold different frame counts), and return it with that global loss.
+
+        ``loss * n_local * world / n_global``: averaged over ranks, the gradients are those of
+        ``sum(err) / n_global``, the loss one process would compute on the global batch. One scalar-pair all-reduce
+        per step; with one process the factor is exactly 1.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return loss, loss.detach()
+        n_local = batch.latent_mask.sum().to(torch.float64)
+        stats = torch.stack([n_local, loss.detach().to(torch.float64) * n_local]).to(loss.device)
+        n_global, loss_sum = self.trainer.strategy.reduce(stats, reduce_op="sum").tolist()
+        scale = float(n_local) * self.trainer.world_size / n_global
+        return loss * scale, torch.tensor(loss_sum / n_global, dtype=loss.dtype, device=loss.device)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         g = torch.Generator()

@@ -23,6 +23,7 @@ from .module import AceStepModule
 from .objective import ObjectiveConfig
 from .preprocess import BundleEncoder
 from .run_record import RunRecord
+from .strategies import SlurmRequeue, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def world_size(cfg: DictConfig) -> int:
 def run_startup_checks(cfg: DictConfig) -> None:
     """Fail before any heavy work when the launch and the config disagree."""
     checks.check_accelerator(_strategy_name(cfg.trainer.strategy), cfg.trainer.accelerator)
+    checks.check_strategy_installed(_strategy_name(cfg.trainer.strategy))
+    checks.check_fsdp_dtype(_strategy_name(cfg.trainer.strategy), cfg.model.get("dtype"), cfg.trainer.precision,
+                            bool(cfg.mode.get("frozen_fp8", False)))
     checks.check_slurm_tasks(cfg.trainer.devices, int(cfg.trainer.num_nodes))
     if cfg.data.get("global_batch_size"):
         checks.check_batch_divisible(int(cfg.data.global_batch_size), world_size(cfg))
@@ -91,6 +95,7 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     run_startup_checks(cfg)
+    requeue = SlurmRequeue()  # catches SLURM's time-limit signal from here on (a no-op outside SLURM)
 
     bundle = load_bundle(OmegaConf.to_container(cfg.model, resolve=True))
     datamodule = build_datamodule(cfg)
@@ -107,9 +112,10 @@ def run(cfg: DictConfig) -> dict:
     _apply_start_adapters(cfg, module)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    callbacks.append(RunRecord(out, cfg))
+    callbacks += [RunRecord(out, cfg), requeue]
     trainer = build_trainer(cfg, callbacks, loggers)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out, OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     encoder.release()
 
     result = {"output_dir": out}

@@ -13,6 +13,14 @@ is among the overrides (the same values the Submitit sweep launcher uses).
 The script is written to ``<run dir>/slurm.sbatch`` and the run dir is pinned with
 ``hydra.run.dir=…`` so all ranks and requeued restarts share it. ``--dry-run``
 prints the script and writes nothing.
+
+Interruptions: the job asks for ``--signal=SIGUSR1@90`` and ``--requeue``. On the signal
+the ranks checkpoint together at the next optimizer step (``<run dir>/hpc_ckpt_N.ckpt``) and
+the job requeues itself; after ``scontrol requeue``, a preemption or a node failure SLURM
+restarts it. Either way the restart resumes exactly (data position, RNG) from the newest
+checkpoint in the run dir: inside SLURM ``ckpt_path=null`` means ``ckpt_path=auto``
+(``acestep_train.strategies.resolve_ckpt_path``). Re-``sbatch``-ing the written script resumes
+the same way.
 """
 
 from __future__ import annotations
