@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_scale.py                          # both parts, on the first CUDA GPU
     .venv/bin/python bench/bench_scale.py --only step --seconds 120 --batch 2 --no-grad-ckpt
-    .venv/bin/python bench/bench_scale.py --only memory --strategies ddp,fsdp,deepspeed_zero2 --json /tmp/scale.json
+    .venv/bin/python bench/bench_scale.py --only memory --strategies ddp,fsdp,deepspeed_zero2 --json "$(mktemp -d)/scale.json"
     .venv/bin/python bench/bench_scale.py --check-on-cpu            # model=tiny on the CPU: checks the plumbing only
 
 A benchmark, not a test; it asserts nothing. Without CUDA it says that it needs a GPU and exits 0.

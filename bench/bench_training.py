@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_training.py                 # full: ~5.5 CPU-minutes (7.5 min wall, shared 2 vCPUs)
     .venv/bin/python bench/bench_training.py --quick         # smaller sizes: under 2 min
-    .venv/bin/python bench/bench_training.py --only b,c --out /tmp/bench.json
+    .venv/bin/python bench/bench_training.py --only b,c --out "$(mktemp -d)/bench.json"
 
 A benchmark, not a test: it asserts nothing and reports ratios against a baseline timed in the same process and
 interleaved with ours (ABBA order, median of >= 3 repeats, raw times printed), because absolute times on a shared

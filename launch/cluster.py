@@ -7,7 +7,7 @@
 
 Everything the cluster writes (rendered slurm.conf, state, logs, job-completion
 records) lives under ``root``; sockets and the slurmd spool go to a short
-``/tmp/slurm-*`` directory because Unix socket paths are limited to 108 bytes.
+``slurm-*`` directory under the system temp dir because Unix socket paths are limited to 108 bytes.
 The daemons get their own MUNGE key and socket, so a system munged or
 /etc/slurm is neither needed nor touched. Client commands must run with
 ``cluster.env`` (it sets ``SLURM_CONF``); ``cluster.run("sinfo")`` does that.
