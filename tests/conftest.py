@@ -4,12 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def reference_dir() -> Path:
-    """``shared/reference`` beside the repository (CI clones with shared/ next to it)."""
-    return Path(os.environ.get("ACESTEP_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+from manifest_helpers import reference_dir
 
 
 @pytest.fixture(scope="session")

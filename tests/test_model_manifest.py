@@ -1,6 +1,5 @@
 """Every variant's DiT checkpoint module has exactly the released keys and shapes."""
 
-import hashlib
 import json
 
 import pytest
@@ -10,18 +9,11 @@ from omegaconf import OmegaConf
 from acestep_train import model_config, variant_names
 from acestep_train.loading import arch_from_cfg
 from acestep_train.models import AceStepModel
+from manifest_helpers import ds_hash
 
 RELEASED = [n for n in variant_names() if n != "tiny"]
 MD5 = {"acestep-v15-2B.keys.json": "ba29d8bddbb6ace65675f6a757a13c00",
        "acestep-v15-XL.keys.json": "3a28a410c2246f125153ef792d8bc828"}
-
-
-def ds_hash(keys_to_shape: dict) -> str:
-    """DiffSynth's checkpoint fingerprint (checkpoints/README.md), to prove the manifest is the real one."""
-    parts = []
-    for k, shape in keys_to_shape.items():
-        parts += [k + ":" + "_".join(map(str, shape)), k]
-    return hashlib.md5(",".join(sorted(parts)).encode()).hexdigest()
 
 
 def test_every_released_variant_has_a_config():

@@ -4,11 +4,8 @@ References are computed independently: the model run on one unpadded sequence, `
 directly, and prompt strings written out literally.
 """
 
-import hashlib
 import json
-import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,30 +16,11 @@ from transformers import AutoTokenizer
 from acestep_train.conditioning import TextConditions, build_caption_prompts, encode_text_conditions
 from acestep_train.models.text_encoder import RELEASED_QWEN3_CONFIG, TextEncoder
 from acestep_train.models.tiny_tokenizer import TINY_QWEN3_CONFIG, build_tiny_tokenizer
+from manifest_helpers import ds_hash, load_manifest
 
 # DiffSynth's recorded fingerprint of the real Qwen3-Embedding-0.6B/model.safetensors (checkpoints/README.md).
 QWEN_MD5 = "3509bea17b0e8cffc3dd4a15cc7899d0"
 EOT = 256  # tiny tokenizer id of <|endoftext|>
-
-
-def reference_dir() -> Path:
-    env = os.environ.get("ACESTEP_REFERENCE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def load_manifest(name: str) -> dict:
-    path = reference_dir() / "checkpoints" / name
-    if not path.is_file():
-        pytest.skip(f"reference manifest {path} not found (set ACESTEP_REFERENCE_DIR to the reference folder)")
-    return json.loads(path.read_text())
-
-
-def ds_hash(keys_to_shape: dict) -> str:
-    """DiffSynth's checkpoint fingerprint (recipe in checkpoints/README.md)."""
-    parts = []
-    for k, shape in keys_to_shape.items():
-        parts += [k + ":" + "_".join(map(str, shape)), k]
-    return hashlib.md5(",".join(sorted(parts)).encode("utf-8")).hexdigest()
 
 
 def byte_ids(text: str) -> list[int]:

@@ -1,41 +1,19 @@
 """AudioVAE: released key/shape layout, parity with DiffSynth's independent implementation, posterior sampling,
 overlap-discard tiling, save/load, and errors."""
 
-import hashlib
 import json
-import os
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from acestep_train.models.vae import RELEASED_VAE_CONFIG, TINY_VAE_CONFIG, AudioVAE
+from manifest_helpers import ds_hash, load_manifest
 
 HOP = 1920
 # DiffSynth's recorded fingerprint of the real vae/diffusion_pytorch_model.safetensors (checkpoints/README.md).
 VAE_MD5 = "51420834e54474986a7f4be0e4d6f687"
-
-
-def reference_dir() -> Path:
-    env = os.environ.get("ACESTEP_REFERENCE_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def load_manifest(name: str) -> dict:
-    path = reference_dir() / "checkpoints" / name
-    if not path.is_file():
-        pytest.skip(f"reference manifest {path} not found (set ACESTEP_REFERENCE_DIR to the reference folder)")
-    return json.loads(path.read_text())
-
-
-def ds_hash(keys_to_shape: dict) -> str:
-    """DiffSynth's checkpoint fingerprint (recipe in checkpoints/README.md)."""
-    parts = []
-    for k, shape in keys_to_shape.items():
-        parts += [k + ":" + "_".join(map(str, shape)), k]
-    return hashlib.md5(",".join(sorted(parts)).encode("utf-8")).hexdigest()
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
