@@ -26,6 +26,3 @@ def warmup_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 10
 
     return LambdaLR(optimizer, factor)
 
-
-def constant(optimizer: Optimizer, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: 1.0)

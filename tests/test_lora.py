@@ -14,6 +14,7 @@ from acestep_train.lora import (LoraError, adapter_names, adapter_state_dict, ap
                                 trainable_report, unmerge_adapters)
 from acestep_train.models import AceStepConfig, AceStepModel
 from acestep_train.models.dit import AceStepDiT
+from numerics import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "_2b.yaml").lora_targets)
@@ -44,10 +45,6 @@ def randomize_adapter(decoder, adapter_name: str = "default", seed: int = 5) -> 
         for n, p in decoder.named_parameters():
             if f".{adapter_name}" in n and ("lora_" in n or "lokr_" in n):
                 p.copy_(0.2 * torch.randn(p.shape, generator=g))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("preset,per_layer", [("attention", 8), ("attention_mlp", 11), ("self_attention", 4),

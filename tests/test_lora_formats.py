@@ -19,6 +19,7 @@ from acestep_train.lora import (LoraDelta, LoraError, LoraMatchError, apply_lora
                                 export_lora, load_adapters, read_lora)
 from acestep_train.models import AceStepConfig, AceStepModel
 from acestep_train.models.dit import AceStepDiT
+from numerics import rel_err
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, sliding_window=4, text_hidden_dim=32, num_lyric_encoder_hidden_layers=1,
@@ -57,10 +58,6 @@ X = inputs()
 def run(decoder) -> torch.Tensor:
     with torch.no_grad():
         return decoder(*X)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def random_lora(seed: int, rank: int = RANK, modules=MODULES) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -16,6 +16,7 @@ import torch
 
 import peers
 from acestep_train.models import AceStepConfig, AceStepModel
+from numerics import rel_err
 
 TOL = 1e-5  # relative parity bound (fp32)
 NOISE = 1e-6  # "identical up to fp32 noise" for invariance checks
@@ -34,10 +35,6 @@ XL = dict(SMALL, hidden_size=96, intermediate_size=192, num_attention_heads=8, n
           encoder_hidden_size=64, encoder_intermediate_size=128, encoder_num_attention_heads=6,
           encoder_num_key_value_heads=2)
 CONFIGS = {"2B-like": SMALL, "XL-like": XL}
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def _randomize(model: AceStepModel) -> AceStepModel:

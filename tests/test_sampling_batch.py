@@ -9,6 +9,7 @@ import torch
 
 from acestep_train import load_model
 from acestep_train.sampling import GenerationRequest, Sampler
+from numerics import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 # diffsynth semantics: no 128-frame minimum, so a few seconds keep the test cheap; batching is the same code path.
@@ -24,10 +25,6 @@ def bundle():
 @pytest.fixture(scope="module")
 def sampler(bundle):
     return Sampler(bundle)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 class Calls:

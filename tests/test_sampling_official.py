@@ -17,6 +17,7 @@ from acestep_train import load_model
 from acestep_train.sampling import GenerationRequest, Sampler, build_conditions
 from acestep_train.sampling import guidance as G
 from acestep_train.sampling import schedules as S
+from numerics import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 META = dict(bpm=90, keyscale="A minor", timesignature="3")
@@ -30,10 +31,6 @@ def bundle():
 @pytest.fixture(scope="module")
 def sampler(bundle):
     return Sampler(bundle)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def shifted(t: torch.Tensor, s: float) -> torch.Tensor:

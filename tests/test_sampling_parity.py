@@ -30,6 +30,7 @@ from torch import nn
 import peers
 from acestep_train import load_model
 from acestep_train.sampling import GenerationRequest, Sampler
+from numerics import rel_err
 
 TOL = 1e-4
 META = dict(bpm=120, keyscale="C major", timesignature="4", vocal_language="en")
@@ -84,10 +85,6 @@ def setup():
     torch.manual_seed(0)
     bundle = load_model("tiny")
     return bundle, Sampler(bundle), ds_pipeline(bundle)
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def source_audio(seconds: float, seed: int = 3) -> torch.Tensor:

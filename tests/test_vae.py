@@ -10,14 +10,11 @@ import torch.nn.functional as F
 
 from acestep_train.models.vae import RELEASED_VAE_CONFIG, TINY_VAE_CONFIG, AudioVAE
 from manifest_helpers import ds_hash, load_manifest
+from numerics import rel_err
 
 HOP = 1920
 # DiffSynth's recorded fingerprint of the real vae/diffusion_pytorch_model.safetensors (checkpoints/README.md).
 VAE_MD5 = "51420834e54474986a7f4be0e4d6f687"
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
