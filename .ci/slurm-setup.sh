@@ -5,8 +5,8 @@
 #
 # Idempotent and quiet: does nothing when the SLURM daemons, client tools, munged and pgrep
 # are already on PATH. Needs root (or passwordless sudo) and apt. Starts no
-# daemons: launch.cluster.LocalSlurmCluster runs its own, from the config that
-# launch/cluster/ ships, under a temporary directory.
+# daemons: slurm_cluster.LocalSlurmCluster runs its own, from the config that
+# tests/slurm_cluster/ ships, under a temporary directory.
 set -euo pipefail
 
 have_all() {

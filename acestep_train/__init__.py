@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .variants import load_model, model_config, variant_names  # noqa: E402
+from acestep_train.checkpoints.variants import load_model, model_config, variant_names  # noqa: E402
 
 __all__ = ["load_model", "model_config", "variant_names", "__version__"]

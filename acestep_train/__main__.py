@@ -1,6 +1,6 @@
 """``python -m acestep_train [hydra overrides]``: train. See ``conf/train.yaml`` and the README."""
 
-from .train import main
+from acestep_train.training.train import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""Peak GPU memory of low-VRAM generation (``acestep_train.offload``) with a turbo-sized model.
+"""Peak GPU memory of low-VRAM generation (``acestep_train.inference.offload``) with a turbo-sized model.
 
     .venv/bin/python bench/bench_low_vram.py                                  # limits: none 8 4 2 1 (GB), 30 s
     .venv/bin/python bench/bench_low_vram.py --limits none 3 1.5 --vae-chunk 256 --json low_vram.json
@@ -51,8 +51,9 @@ def _init_(module: torch.nn.Module) -> None:
 
 def build_bundle(size: str):
     """A ModelBundle with random weights: ``turbo`` (released sizes, meta -> CPU) or ``tiny`` (the test model)."""
-    from acestep_train import load_model, model_config
-    from acestep_train.loading import ModelBundle, SamplingDefaults, arch_from_cfg
+    from acestep_train import load_model
+    from acestep_train import model_config
+    from acestep_train.checkpoints.loading import ModelBundle, SamplingDefaults, arch_from_cfg
     from acestep_train.models.acestep import AceStepModel
     from acestep_train.models.audio_tokenizer import make_quantizer
     from acestep_train.models.text_encoder import RELEASED_QWEN3_CONFIG, TextEncoder
@@ -115,8 +116,8 @@ def main() -> None:
         sys.exit("bench_low_vram.py needs a CUDA GPU (torch.cuda.is_available() is False here); "
                  "`--device cpu --size tiny` only checks that the script runs")
 
-    from acestep_train.offload import OffloadManager
-    from acestep_train.sampling import GenerationRequest, Sampler
+    from acestep_train.inference.offload import OffloadManager
+    from acestep_train.inference import GenerationRequest, Sampler
 
     bundle = build_bundle(args.size)
     if args.vae_chunk:

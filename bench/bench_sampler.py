@@ -62,7 +62,7 @@ def main() -> None:
     from test_sampling_parity import ds_pipeline
 
     from acestep_train import load_model
-    from acestep_train.sampling import GenerationRequest, Sampler
+    from acestep_train.inference import GenerationRequest, Sampler
 
     dtype = getattr(torch, args.dtype)
     bundle = load_model("tiny", overrides=MID + [f"dtype={args.dtype}"])

@@ -16,7 +16,7 @@ A benchmark, not a test; it asserts nothing. Without CUDA it says that it needs 
 (2) memory: XL (``model=xl-sft``) with ``mode=lora`` (rank 64, alpha 128, attention targets, gradient checkpointing)
     through the real ``AceStepModule`` and a Lightning ``Trainer`` for each strategy of ``conf/trainer/<name>.yaml`` at
     ``trainer.devices=1`` (one GPU: the numbers show each strategy's own overhead, not sharding across GPUs), on
-    random weights (bf16; float32 under FSDP, which ``acestep_train.checks.check_fsdp_dtype`` requires) and synthetic
+    random weights (bf16; float32 under FSDP, which ``acestep_train.training.checks.check_fsdp_dtype`` requires) and synthetic
     batches of a ``--mem-seconds`` clip. Each strategy runs in a fresh subprocess; ``torch.cuda.max_memory_allocated``
     covers the whole fit (weights included). A strategy that cannot run (DeepSpeed not installed, an error) is listed
     with the reason.
@@ -131,7 +131,7 @@ def arch(size: str):
     from omegaconf import OmegaConf
 
     from acestep_train import model_config
-    from acestep_train.loading import arch_from_cfg
+    from acestep_train.checkpoints.loading import arch_from_cfg
 
     return arch_from_cfg(OmegaConf.to_container(model_config(size), resolve=True)["arch"])
 
@@ -150,7 +150,7 @@ def build_dit(size: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
 def build_bundle(size: str, device: torch.device, dtype: torch.dtype):
     """A ``ModelBundle`` (DiT + condition encoder + (de)tokenizer; no VAE or text encoder: training from cached
     features needs neither) with random weights materialised on ``device``."""
-    from acestep_train.loading import ModelBundle
+    from acestep_train.checkpoints.loading import ModelBundle
     from acestep_train.models.acestep import AceStepModel
 
     cfg = arch(size)
@@ -259,8 +259,9 @@ def memory_child(spec: dict) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from acestep_train import checks, train
-    from acestep_train.variants import CONF_DIR
+    from acestep_train.training import checks
+    from acestep_train.training import train
+    from acestep_train.checkpoints.variants import CONF_DIR
 
     from hydra import compose, initialize_config_dir
 

@@ -11,7 +11,7 @@ the JSON result goes to ``--out`` (default: under the system temp dir), never in
 
 (a) 10 epochs from audio files (demo dataset, 8 clips x 4 s; model=tiny with a mid-size DiT: hidden 256, 4 layers;
     tiny VAE and text encoder; LoRA r64 on attention, gradient checkpointing, AdamW): our real entry
-    ``acestep_train.train.run`` (model load + feature-cache build + Lightning fit at batch 4, length-bucketed,
+    ``acestep_train.training.train.run`` (model load + feature-cache build + Lightning fit at batch 4, length-bucketed,
     masked) against a DiffSynth-style loop (``training_baselines.diffsynth_style_train``: audio decode, VAE encode,
     text encoder and condition encoder every step, batch 1). Goal: ours >= 5x faster.
 (b) Our Lightning step (``train.run`` with a cached dataset, ``Trainer.fit``) against a bare PyTorch loop
@@ -131,12 +131,12 @@ def loop_settings(cfg):
 # ---- (a) 10 epochs from audio ----------------------------------------------------------------------------------
 
 def bench_a(work: Path, plan: dict, repeats: int) -> dict:
-    import acestep_train.train as train_mod
+    import acestep_train.training.train as train_mod
     import datamodules.datamodule as dm_mod
     from omegaconf import OmegaConf
     from train_helpers import compose_train
 
-    from acestep_train.loading import load_bundle
+    from acestep_train.checkpoints.loading import load_bundle
     from datamodules.demo import make_demo_dataset
     from datamodules.metadata import load_metadata
     from training_baselines import diffsynth_style_train
@@ -233,9 +233,9 @@ def bench_b(work: Path, plan: dict, repeats: int) -> dict:
     from train_helpers import compose_train
 
     import training_probes
-    from acestep_train.loading import load_bundle
-    from acestep_train.preprocess import BundleEncoder
-    from acestep_train.train import build_datamodule, run
+    from acestep_train.checkpoints.loading import load_bundle
+    from acestep_train.training.preprocess import BundleEncoder
+    from acestep_train.training.train import build_datamodule, run
     from datamodules.demo import make_demo_dataset
     from training_baselines import bare_train
 

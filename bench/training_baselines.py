@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from acestep_train.conditioning import encode_text_conditions
+from acestep_train.conditioning.text import encode_text_conditions
 from acestep_train.lora.inject import apply_lora
-from acestep_train.objective import silence_context
+from acestep_train.training.objective import silence_context
 from datamodules.audio import SAMPLE_RATE, load_audio
 
 

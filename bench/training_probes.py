@@ -104,7 +104,7 @@ class ProbeStep:
         import torch
 
         from acestep_train import load_model
-        from acestep_train.module import AceStepModule
+        from acestep_train.training.module import AceStepModule
         from datamodules.collate import collate
 
         self.torch = torch

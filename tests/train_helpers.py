@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from acestep_train.variants import CONF_DIR
+from acestep_train.checkpoints.variants import CONF_DIR
 
 
 def compose_train(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -34,7 +34,7 @@ def tiny_overrides(data: dict, extra: list[str] = ()) -> list[str]:
 
 
 def run_train(run_dir: Path, overrides: list[str]) -> dict:
-    from acestep_train.train import run
+    from acestep_train.training.train import run
 
     return run(compose_train(run_dir, overrides))
 

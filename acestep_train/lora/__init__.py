@@ -7,11 +7,11 @@
     >>> handle = load_adapters(decoder, [("a.safetensors", 1.0), ("b_folder", 0.5)], fuse=False)
 """
 
-from .formats import (FORMATS, LoadedAdapters, LoraDelta, LoraFile, LoraMatchError, convert_lora, detect_format,
+from acestep_train.lora.formats import (FORMATS, LoadedAdapters, LoraDelta, LoraFile, LoraMatchError, convert_lora, detect_format,
                       export_lora, load_adapter_into_trainable, load_adapters, load_adapters_fused_into_base,
                       load_lora, match_adapter, read_adapter_state, read_lora, restore_adapter, save_lora_weights,
                       write_adapter)
-from .inject import (LoraError, LoraSpec, TrainableReport, adapter_names, adapter_state_dict, apply_lora, get_spec,
+from acestep_train.lora.inject import (LoraError, LoraSpec, TrainableReport, adapter_names, adapter_state_dict, apply_lora, get_spec,
                      match_targets, merge_adapters, remove_adapters, require_peft, set_active_adapters,
                      set_adapter_strength, trainable_report, unmerge_adapters)
 

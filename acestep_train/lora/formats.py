@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint_io import save_safetensors_atomic
-from .inject import (SPECS_ATTR, LoraError, LoraSpec, _adapter_params, adapter_state_dict, apply_lora, base_linear,
+from acestep_train.checkpoints.checkpoint_io import save_safetensors_atomic
+from acestep_train.lora.inject import (SPECS_ATTR, LoraError, LoraSpec, _adapter_params, adapter_state_dict, apply_lora, base_linear,
                      get_spec, linear_paths, require_peft, resolve_decoder)
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def _modules_of(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def _meta_json(fmt: str, spec: LoraSpec, variant: str | None, provenance: Mapping[str, Any] | None,
                extra: Mapping[str, Any] | None = None) -> str:
-    from .. import __version__
+    from acestep_train import __version__
 
     info: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

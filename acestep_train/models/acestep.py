@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .audio_tokenizer import AudioDetokenizer, AudioTokenizer
-from .condition_encoder import ConditionEncoder
-from .config import AceStepConfig
-from .dit import AceStepDiT
+from acestep_train.models.audio_tokenizer import AudioDetokenizer, AudioTokenizer
+from acestep_train.models.condition_encoder import ConditionEncoder
+from acestep_train.models.config import AceStepConfig
+from acestep_train.models.dit import AceStepDiT
 
 
 class AceStepModel(nn.Module):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from vector_quantize_pytorch import ResidualFSQ
 
-from .condition_encoder import _encoder_stack_kwargs
-from .config import AceStepConfig
-from .layers import EncoderStack
+from acestep_train.models.condition_encoder import _encoder_stack_kwargs
+from acestep_train.models.config import AceStepConfig
+from acestep_train.models.layers import EncoderStack
 
 
 def make_quantizer(cfg: AceStepConfig) -> ResidualFSQ:

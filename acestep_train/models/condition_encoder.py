@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import AceStepConfig
-from .layers import EncoderStack
+from acestep_train.models.config import AceStepConfig
+from acestep_train.models.layers import EncoderStack
 
 
 def _encoder_stack_kwargs(cfg: AceStepConfig) -> dict:

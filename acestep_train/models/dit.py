@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AceStepConfig
-from .layers import (MLP, Attention, RMSNorm, Transpose, cross_attention_mask, rotary_cos_sin,
+from acestep_train.models.config import AceStepConfig
+from acestep_train.models.layers import (MLP, Attention, RMSNorm, Transpose, cross_attention_mask, rotary_cos_sin,
                      self_attention_mask)
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]

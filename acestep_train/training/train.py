@@ -1,0 +1,152 @@
+"""``run(cfg)``: the training job, top to bottom.
+
+seed -> startup checks -> model bundle -> data (+ feature cache) -> module -> callbacks/loggers -> trainer ->
+fit (or resume) -> exports -> run record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from acestep_train.training import checks
+from acestep_train.training.atomic_checkpoint import AtomicCheckpointIO
+from acestep_train.checkpoints.loading import load_bundle
+from acestep_train.training.module import AceStepModule
+from acestep_train.training.objective import ObjectiveConfig
+from acestep_train.training.preprocess import BundleEncoder
+from acestep_train.training.callbacks.run_record import RunRecord
+from acestep_train.training.strategies import SlurmRequeue, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(OmegaConf.select(cfg, "paths.output_dir"))
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    strategy = kwargs.get("strategy")
+    if isinstance(strategy, dict):
+        kwargs["strategy"] = instantiate(strategy)
+    return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir(cfg)),
+                     plugins=[AtomicCheckpointIO()])
+
+
+def build_module(cfg: DictConfig, bundle) -> AceStepModule:
+    mode = cfg.mode
+    return AceStepModule(
+        bundle=bundle,
+        mode="full" if mode.name == "full" else "lora",
+        lora=None if mode.lora is None else OmegaConf.to_container(mode.lora, resolve=True),
+        optimizer=instantiate(mode.optimizer),
+        scheduler=None if mode.scheduler is None else instantiate(mode.scheduler),
+        objective=ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True)),
+        gradient_checkpointing=bool(mode.gradient_checkpointing),
+        offload_activations=bool(mode.offload_activations),
+        seed=int(cfg.seed),
+        frozen_fp8=bool(mode.get("frozen_fp8", False)),
+    )
+
+
+def world_size(cfg: DictConfig) -> int:
+    return checks.device_count(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+
+
+def run_startup_checks(cfg: DictConfig) -> None:
+    """Fail before any heavy work when the launch and the config disagree."""
+    checks.check_accelerator(_strategy_name(cfg.trainer.strategy), cfg.trainer.accelerator)
+    checks.check_strategy_installed(_strategy_name(cfg.trainer.strategy))
+    checks.check_fsdp_dtype(_strategy_name(cfg.trainer.strategy), cfg.model.get("dtype"), cfg.trainer.precision,
+                            bool(cfg.mode.get("frozen_fp8", False)))
+    checks.check_slurm_tasks(cfg.trainer.devices, int(cfg.trainer.num_nodes))
+    if cfg.data.get("global_batch_size"):
+        checks.check_batch_divisible(int(cfg.data.global_batch_size), world_size(cfg))
+    if cfg.mode.name != "full":
+        checks.check_peft_available()
+
+
+def _strategy_name(strategy) -> str | None:
+    if strategy is None or isinstance(strategy, str):
+        return strategy
+    return str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def build_datamodule(cfg: DictConfig):
+    """Instantiate ``cfg.data``; ``data.global_batch_size`` (optional) sets the per-device batch size."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    global_batch = data.pop("global_batch_size", None)
+    if global_batch:
+        data["batch_size"] = int(global_batch) // world_size(cfg)
+    return instantiate(data)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (or only preprocess) as the composed config says. Returns paths of what it wrote."""
+    L.seed_everything(int(cfg.seed), workers=True)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    run_startup_checks(cfg)
+    requeue = SlurmRequeue()  # catches SLURM's time-limit signal from here on (a no-op outside SLURM)
+
+    bundle = load_bundle(OmegaConf.to_container(cfg.model, resolve=True))
+    datamodule = build_datamodule(cfg)
+    accel = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    encoder = BundleEncoder(bundle, device=accel, seed=int(cfg.seed))
+    datamodule.connect(encoder)
+    if cfg.preprocess_only:
+        datamodule.setup("fit")
+        encoder.release()
+        log.info("feature cache ready: %s", datamodule.manifest_path)
+        return {"manifest": datamodule.manifest_path}
+
+    module = build_module(cfg, bundle)
+    _apply_start_adapters(cfg, module)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
+    callbacks += [RunRecord(out, cfg), requeue]
+    trainer = build_trainer(cfg, callbacks, loggers)
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out, OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    encoder.release()
+
+    result = {"output_dir": out}
+    if trainer.is_global_zero and cfg.exports and not cfg.trainer.fast_dev_run:
+        from acestep_train.training.export import export_module
+
+        result["exports"] = export_module(module, out / "exports", list(cfg.exports))
+    return result
+
+
+def _apply_start_adapters(cfg: DictConfig, module: AceStepModule) -> None:
+    """Differential LoRA (adapters fused into the base first) and continuing from an exported adapter."""
+    fuse = list(cfg.mode.get("fuse_loras") or [])
+    init = cfg.mode.get("init_lora")
+    if not fuse and not init:
+        return
+    from acestep_train.lora.formats import load_adapter_into_trainable, load_adapters_fused_into_base
+
+    if fuse:
+        load_adapters_fused_into_base(module.model.decoder, [(f["path"], float(f.get("strength", 1.0))) for f in fuse])
+    if init:
+        load_adapter_into_trainable(module.model.decoder, init)
+
+
+def main() -> None:
+    from acestep_train.checkpoints.variants import CONF_DIR
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        run(cfg)
+
+    _main()
