@@ -25,7 +25,6 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "complete": "Complete the input track with {TRACK_CLASSES}:",
     "complete_default": "Complete the input track:",
 }
-DEFAULT_DIT_INSTRUCTION = TASK_INSTRUCTIONS["text2music"]
 
 TASKS: tuple[str, ...] = ("text2music", "cover", "repaint", "extract", "lego", "complete")
 _SINGLE_TRACK_TASKS = ("extract", "lego")
@@ -35,7 +34,8 @@ TRACK_NAMES: tuple[str, ...] = (
     "keyboard", "guitar", "bass", "drums", "backing_vocals", "vocals",
 )
 
-DEFAULT_DURATION_S = 30
+# The metas string states 30 s when no duration is known (the official default meta); not a generation length.
+METAS_DURATION_WHEN_UNKNOWN_S = 30
 NA = "N/A"
 
 
@@ -89,7 +89,7 @@ def format_metas(bpm=None, timesignature=None, keyscale=None, duration=None) -> 
     seconds, rendered ``f"{int(duration)} seconds"``, default 30 (official ``_create_default_meta``).
     """
     if duration is None:
-        duration = DEFAULT_DURATION_S
+        duration = METAS_DURATION_WHEN_UNKNOWN_S
     if isinstance(duration, bool) or not isinstance(duration, numbers.Real) or not 0 < duration < math.inf:
         raise ValueError(f"metas: duration must be a positive number of seconds, got {duration!r}")
     return (

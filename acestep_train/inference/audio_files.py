@@ -17,14 +17,6 @@ import torch
 FORMATS = {".wav": ("WAV", "FLOAT"), ".flac": ("FLAC", "PCM_24")}
 
 
-def peak_normalize(audio: torch.Tensor, target_db: float = -1.0) -> torch.Tensor:
-    """Scale one track so its peak is ``target_db`` dBFS; near-silent tracks are left alone."""
-    peak = audio.abs().max()
-    if peak < 1e-6:
-        return audio
-    return audio * (10 ** (target_db / 20) / peak)
-
-
 def write_audio(path: str | Path, audio: torch.Tensor, sample_rate: int = 48000) -> Path:
     """Write ``[channels, samples]`` float audio as wav (32-bit float) or flac (24-bit), atomically."""
     path = Path(path)
