@@ -28,6 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # the probe callbacks below are imported by name in the training processes
 
 from slurm_cluster import LocalSlurmCluster, slurm_available
 
@@ -67,7 +68,7 @@ class HoldAt(L.Callback):
 def job_env() -> dict[str, str]:
     """What the jobs inherit (sbatch exports the submitting environment)."""
     return {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+            "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS), str(HERE)])}
 
 
 def training_overrides(data: dict, run_dir: Path, extra: list[str] = ()) -> list[str]:
