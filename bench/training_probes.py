@@ -98,7 +98,7 @@ class PeakRSS:
 
 class ProbeStep:
     """The model, batch and optimizer of ``spec`` (model=tiny with ``spec["arch"]``, LoRA, random cached-style
-    batch), and one training step of ``AceStepModule.loss_terms`` + backward + clip + AdamW."""
+    batch), and one training step of ``AceStepModule.training_loss`` + backward + clip + AdamW."""
 
     def __init__(self, spec: dict):
         import torch
@@ -132,7 +132,7 @@ class ProbeStep:
         """One step; returns (wall seconds, process CPU seconds)."""
         torch, m = self.torch, self.module
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = m.loss_terms(self.batch, m.step_generator())["loss"]
+        loss = m.training_loss(self.batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()

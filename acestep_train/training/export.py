@@ -34,7 +34,7 @@ def export_module(module, out_dir: str | Path, formats: list[str], steps: int | 
     """Write a trained :class:`~acestep_train.training.module.AceStepModule`'s exports under ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bundle = module.aux["bundle"]
+    bundle = module.bundle
     if module.mode == "full":
         folder = out_dir / f"{bundle.name}-full-finetune"
         export_full(module.model, bundle.silence_latent, folder)

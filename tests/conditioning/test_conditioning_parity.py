@@ -21,7 +21,7 @@ def test_training_conditioning_equals_sampler_conditioning(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     module = AceStepModule(bundle, mode="full")
-    enc_train, mask_train = module.conditions(batch)
+    enc_train, mask_train = module.objective.conditions(module.model, module.silence_latent, batch)
 
     assert any("[verse]" in rows[i].lyrics for i in batch.ids), "real lyrics are compared, not only the tag"
     for i, sample_id in enumerate(batch.ids):

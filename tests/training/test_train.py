@@ -74,6 +74,10 @@ def _batch(x0, frames_valid, lengths, text, lyric):
         ids=[f"item{i}" for i in range(b)])
 
 
+def _loss(module, batch, generator):
+    return module.objective(module.model, module.silence_latent, batch, generator).loss
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_padding_cannot_change_loss_or_gradients(mode):
     torch.manual_seed(0)
@@ -90,7 +94,7 @@ def test_padding_cannot_change_loss_or_gradients(mode):
         batch = _batch(x0, 37, [37], text, lyric)
         batch.latents[:, 37:] = 50.0  # padded frames hold garbage; the mask must hide it
         module.zero_grad()
-        loss = module.loss_terms(batch, torch.Generator().manual_seed(3))["loss"]
+        loss = _loss(module, batch, torch.Generator().manual_seed(3))
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in module.trainable_parameters()]))
     (l0, g0), *rest = results
@@ -103,7 +107,7 @@ def test_padding_cannot_change_loss_or_gradients(mode):
 def _train_steps(module, batch, n=3):
     opt = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
     for i in range(n):
-        loss = module.loss_terms(batch, torch.Generator().manual_seed(i))["loss"]
+        loss = _loss(module, batch, torch.Generator().manual_seed(i))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -133,6 +137,39 @@ def test_full_mode_trains_only_the_dit():
     _train_steps(module, _demo_batch())
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("model.decoder.") for n in changed)
+
+
+def _dropout_module():
+    """LoRA dropout 0.5 and non-zero adapters: the forward draws from the global RNG and those draws matter."""
+    module = AceStepModule(load_model("tiny"), mode="lora", lora=dict(rank=4, alpha=4, targets=ATTN_MLP, dropout=0.5))
+    for p in module.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(0))
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here: nothing to log to
+def test_a_training_step_leaves_the_global_rng_untouched():
+    module, batch = _dropout_module(), _demo_batch()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    module.training_step(batch, 0)
+    assert torch.equal(torch.get_rng_state(), before), "a training step changed the global RNG state"
+    assert module.batches_trained == 1
+
+
+def test_dropout_inside_the_model_is_keyed_on_the_step_not_on_the_global_rng():
+    module, batch = _dropout_module(), _demo_batch()
+    losses = []
+    for outside_seed in (1, 2):  # whatever the global RNG holds before the step...
+        torch.manual_seed(outside_seed)
+        module.batches_trained = 7
+        losses.append(module.training_loss(batch).loss)
+    assert torch.equal(losses[0], losses[1]), "...step 7 draws the same dropout masks"
+    # Negative control: dropout does draw, so another key for the model RNG alone changes the loss.
+    generators = module.objective.training_generators(7, len(batch))
+    with module.objective.model_rng(8, 0, "cpu"):
+        other = module.objective(module.model, module.silence_latent, batch, generators).loss
+    assert not torch.equal(other, losses[0])
 
 
 def test_non_finite_loss_stops_with_step_and_sample_ids():

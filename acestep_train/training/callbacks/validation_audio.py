@@ -4,6 +4,9 @@ At step 0 (before any update) and every ``every_n_steps`` optimizer steps, on ra
 rendered with the variant's own steps and guidance; ``<run>/validation_audio/step_NNNNNN/`` receives a wav, a
 mel-spectrogram PNG and a JSON sidecar per prompt, and both are logged to every attached wandb / TensorBoard
 logger.
+
+What each model part renders in is the module's dtype policy (``module.dtypes``: the dtypes its weights are held
+in); the render runs outside autocast, so the trainer's mixed precision does not override it.
 """
 
 from __future__ import annotations
@@ -79,8 +82,11 @@ class ValidationAudio(L.Callback):
             return []
         from acestep_train.inference import GenerationRequest, Sampler
 
-        bundle = module.aux["bundle"]
+        bundle = module.bundle
         device = module.device
+        if len(self._rendered) == 1:  # the first render: say once what it runs in
+            dtypes = module.dtypes.sampler_dtypes()
+            log.info("validation audio renders with %s", ", ".join(f"{part} in {dtype}" for part, dtype in dtypes.items()))
         moved = [m for m in (bundle.vae, bundle.text_encoder) if next(m.parameters()).device != device]
         was_training = module.training
         module.eval()
@@ -89,7 +95,8 @@ class ValidationAudio(L.Callback):
                 m.to(device)
             sampler = Sampler(bundle)
             requests = [GenerationRequest(**{**p, **self.overrides}) for p in self.prompts]
-            result = sampler(requests, progress=False)
+            with torch.autocast(device.type, enabled=False):  # the dtype policy, not the trainer's precision
+                result = sampler(requests, progress=False)
         finally:
             for m in moved:
                 m.to("cpu")
