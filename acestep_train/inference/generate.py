@@ -273,7 +273,7 @@ def _adapter_record(lf, spec: AdapterSpec, fused: bool) -> dict[str, Any]:
     p = Path(lf.path)
     weights_file = p if p.is_file() else None
     if p.is_dir():
-        from acestep_train.lora.formats import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
+        from acestep_train.lora import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
 
         weights_file = next((p / n for n in (PEFT_WEIGHTS, PEFT_WEIGHTS_BIN) if (p / n).is_file()), None)
     meta = lf.metadata.get("acestep_lora", lf.metadata) if lf.format == "peft" else lf.metadata

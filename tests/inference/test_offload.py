@@ -9,7 +9,7 @@ import torch
 
 from acestep_train import load_model
 from acestep_train.lora import load_adapters, save_lora_weights
-from acestep_train.lora.formats import LoraDelta
+from acestep_train.lora import LoraDelta
 from acestep_train.inference.offload import COMPONENTS, OffloadError, OffloadManager, iter_blocks
 from acestep_train.inference import GenerationRequest, Sampler
 
