@@ -12,7 +12,9 @@ How it works (``pipeline.md`` §7.1, DiffSynth's ``vram_limit`` with weights as 
   ``tokenizer``, ``detokenizer``), ``dit`` (``model.decoder``) and ``vae``. Only one is *active*; switching to
   another evicts everything the previous one kept on the device (DiffSynth's ``load_models_to_device``). A switch
   happens automatically when a component's module runs or one of its entry methods is called (``encode_captions``,
-  ``encode_conditions``, ``cross_kv``, ``vae.decode`` ...), or explicitly with :meth:`OffloadManager.phase`.
+  ``encode_conditions``, ``cross_kv``, ``vae.decode`` ...), or explicitly with :meth:`OffloadManager.phase`. A plain
+  method call is seen by no module hook, so the entry methods are wrapped while attached (an instance attribute
+  shadows the method; detach removes it): the wrapper switches the phase and holds the component's pins.
 * **Blocks** (the streaming unit): every element of an ``nn.ModuleList`` (DiT layers, encoder-stack layers, Qwen3
   layers, VAE encoder/decoder blocks) is one block holding all its parameters and buffers; any other module with
   parameters of its own (embeddings, projections, norms, the DiT's ``scale_shift_table``) is a block of those.
@@ -32,7 +34,10 @@ How it works (``pipeline.md`` §7.1, DiffSynth's ``vram_limit`` with weights as 
 The limit covers parameters and buffers (what ``resident_bytes`` counts); activations (attention, VAE tiles) come
 on top of it: ``bench/bench_low_vram.py`` measures the real peak on a GPU. With ``compute == storage`` (no GPU)
 nothing moves but the accounting runs the same; ``force_copy=True`` then makes every "move" a real copy so that
-the mechanism itself can be tested on a CPU. Weights must not be modified while attached (fuse adapters before).
+the mechanism itself can be tested on a CPU. Weights and the module structure must not change while attached: fuse,
+load or remove adapters before attaching. Unfused LoRA adapters (:func:`~acestep_train.lora.load_adapters`) are PEFT
+layers whose ``lora_A`` / ``lora_B`` weights are parameters of the layer that holds them, so they are streamed with
+that layer's block like any other parameter (changing a strength while attached is fine: it is no tensor).
 Legacy weight-norm convolutions (the VAE) recompute ``weight`` from ``weight_g``/``weight_v`` in a pre-hook and
 keep it as a plain attribute; the manager replaces it with a meta placeholder after each forward so it does not
 hold device memory, and recomputes it on detach.
@@ -154,7 +159,8 @@ def _weight_norms(module: nn.Module) -> list[Any]:
 
 
 class OffloadManager:
-    """Stream a :class:`~acestep_train.checkpoints.loading.ModelBundle` through a limited compute device (module docstring).
+    """Stream a :class:`~acestep_train.checkpoints.loading.ModelBundle` through a limited compute device (see the
+    module docstring).
 
     ``vram_limit_gb`` / ``limit_bytes``: the budget for parameters and buffers on the compute device (None: no
     limit, everything an active component touches stays until the next phase: the official ``offload_to_cpu``).
@@ -183,8 +189,8 @@ class OffloadManager:
         self.empty_cache = empty_cache
         self.active: str | None = None
         self.history: list[str] = []  # components in the order they became active
-        self.resident_bytes = 0  # managed tensors on the compute device now (+ adopted LoRA tensors)
-        self.kept_bytes = 0  # the part of it that stays after release (anchors, resident blocks, LoRA)
+        self.resident_bytes = 0  # managed tensors on the compute device now
+        self.kept_bytes = 0  # the part of it that stays after release (anchors, resident blocks)
         self.peak_bytes = 0
         self.moved_bytes = 0  # storage -> compute traffic since attach
         self.overflows = 0
@@ -202,8 +208,6 @@ class OffloadManager:
         self._handles: list[Any] = []
         self._wrapped: list[tuple[Any, str]] = []
         self._weight_norm_modules: list[nn.Module] = []
-        self._lora: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
-        self.extra_bytes = 0
 
     # ---- public ------------------------------------------------------------------------------------------------
 
@@ -215,7 +219,7 @@ class OffloadManager:
 
     @property
     def anchor_bytes(self) -> int:
-        return sum(t.nbytes for t in self._tensors.values() if t.anchor) + self.extra_bytes
+        return sum(t.nbytes for t in self._tensors.values() if t.anchor)
 
     @property
     def min_limit_bytes(self) -> int:
@@ -223,7 +227,7 @@ class OffloadManager:
         return self.anchor_bytes + max(self._reserve.values(), default=0)
 
     def component_bytes(self, component: str) -> int:
-        """Bytes of a component's tensors on the compute device now (``"anchors"``: the anchors and LoRA tensors)."""
+        """Bytes of a component's tensors on the compute device now (``"anchors"``: the anchors)."""
         if component == ANCHORS:
             return self.anchor_bytes
         return sum(t.nbytes for t in self._tensors.values()
@@ -293,7 +297,7 @@ class OffloadManager:
         return self
 
     def detach(self) -> None:
-        """Everything back on the storage device; hooks, wrappers and adopted LoRA tensors restored."""
+        """Everything back on the storage device; hooks and wrappers removed."""
         for h in self._handles:
             h.remove()
         for obj, name in self._wrapped:
@@ -301,8 +305,6 @@ class OffloadManager:
         for t in self._tensors.values():
             if t.on_compute and self.moves:
                 t.set(t.storage)
-        for hook, a, b in self._lora:
-            hook.A, hook.B = a, b
         if self.moves:
             with torch.no_grad():
                 for m in self._weight_norm_modules:
@@ -339,24 +341,6 @@ class OffloadManager:
         """Everything but the anchors back to the storage device."""
         self._evict(lambda t: True)
         self.active = None
-
-    def adopt_lora_hooks(self, handle) -> None:
-        """Unfused adapters (:func:`~acestep_train.lora.load_adapters` with ``fuse=False``) run as forward hooks with
-        their own A/B tensors: move those to the compute device for the whole attachment, counted with the anchors."""
-        if not self.attached:
-            raise OffloadError("attach the OffloadManager before adopting LoRA hooks")
-        for applied in getattr(handle, "adapters", []):
-            for _, hook in getattr(applied, "hooks", []):
-                a, b = hook.A, hook.B
-                self._lora.append((hook, a, b))
-                hook.A, hook.B = a.to(self.compute), b.to(self.compute)
-                n = a.numel() * a.element_size() + b.numel() * b.element_size()
-                self.extra_bytes += n
-                self.resident_bytes += n
-                self.kept_bytes += n
-        if self.limit is not None and self.min_limit_bytes > self.limit:
-            raise OffloadError(self._too_small())
-        self._update_peak("adopt_lora", ANCHORS)
 
     def report(self) -> dict[str, Any]:
         used = [b for b in self._blocks if b.uses]

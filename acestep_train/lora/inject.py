@@ -182,7 +182,8 @@ def get_spec(decoder: nn.Module, adapter_name: str = "default") -> LoraSpec:
     cfg = (getattr(decoder, "peft_config", {}) or {}).get(adapter_name)
     if cfg is None:
         raise LoraError(f"no adapter named {adapter_name!r} in the decoder (adapters: {adapter_names(decoder)})")
-    modules = sorted(n for n, m in decoder.named_modules() if is_tuner_layer(m) and adapter_name in layer_adapter_names(m))
+    modules = sorted(n for n, m in decoder.named_modules()
+                     if is_tuner_layer(m) and adapter_name in layer_adapter_names(m))
     peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type)).upper()
     if peft_type == "LORA":
         return LoraSpec("lora", int(cfg.r), float(cfg.lora_alpha), float(cfg.lora_dropout),
