@@ -50,22 +50,18 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from acestep_train.inference.offload_plan import (COMPONENTS, Block, BlockPlan, ComponentSpec, Managed, OffloadError,
+                                                  bundle_components, drop_weight_norm, weight_norms)
+
 log = logging.getLogger(__name__)
 
 GB = 1024**3
-COMPONENTS = ("text_encoder", "condition_encoder", "dit", "vae")
 ANCHORS = "anchors"
-
-
-class OffloadError(ValueError):
-    """An offload configuration that cannot work (limit below the smallest working set, bad device)."""
-
 
 def _fmt(nbytes: float) -> str:
     return f"{nbytes / GB:.3f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1024**2:.1f} MB"
@@ -78,84 +74,6 @@ def _norm_device(device: str | torch.device) -> torch.device:
             raise OffloadError("compute device 'cuda' requested but CUDA is not available")
         d = torch.device("cuda", torch.cuda.current_device())
     return d
-
-
-@dataclass(eq=False)
-class _Managed:
-    """One parameter or buffer under management."""
-
-    module: nn.Module
-    name: str
-    param: nn.Parameter | None  # None for a buffer
-    storage: torch.Tensor  # its data on the storage device
-    nbytes: int
-    component: str
-    refs: int = 0
-    resident: bool = False  # kept on the compute device after release ("preparing")
-    anchor: bool = False
-    on_compute: bool = False
-
-    def set(self, data: torch.Tensor) -> None:
-        if self.param is not None:
-            self.param.data = data
-        else:
-            self.module._buffers[self.name] = data
-
-    def get(self) -> torch.Tensor:
-        return self.param.data if self.param is not None else self.module._buffers[self.name]
-
-
-@dataclass(eq=False)
-class _Block:
-    name: str
-    component: str
-    tensors: list[_Managed]
-    nbytes: int
-    chain_bytes: int = 0  # this block plus the blocks that enclose it (held at the same time)
-    unit: bool = False
-    uses: int = 0
-    streamed: int = 0  # times its tensors had to be moved in
-
-
-@dataclass
-class _Spec:
-    roots: list[nn.Module]
-    entries: list[tuple[Any, str]] = field(default_factory=list)
-    pins: list[nn.Module] = field(default_factory=list)
-    anchors: list[torch.Tensor] = field(default_factory=list)
-
-
-def bundle_components(bundle) -> dict[str, _Spec]:
-    """What the sampler touches, per component (see the module docstring)."""
-    m, te, vae = bundle.model, bundle.text_encoder, bundle.vae
-    return {
-        "text_encoder": _Spec([te], [(te, "encode_captions"), (te, "embed_lyrics")], pins=[te.model.embed_tokens]),
-        "condition_encoder": _Spec(
-            [m.encoder, m.tokenizer, m.detokenizer],
-            [(m, "encode_conditions"), (m, "latents_to_hints"), (m, "codes_to_hints"), (m.tokenizer, "tokenize"),
-             (m.tokenizer, "indices_to_quantized")],
-            anchors=list(m.tokenizer.quantizer.parameters()) + list(m.tokenizer.quantizer.buffers())),
-        "dit": _Spec([m.decoder], [(m.decoder, "cross_kv")]),
-        "vae": _Spec([vae], [(vae, "encode"), (vae, "decode")], anchors=[next(vae.parameters())]),
-    }
-
-
-def _direct_tensors(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter | None]]:
-    """Parameters and buffers of the module itself (plus those of its ``parametrizations``, read on access)."""
-    out = [(module, n, p) for n, p in module._parameters.items() if p is not None]
-    out += [(module, n, None) for n, b in module._buffers.items() if b is not None]
-    par = getattr(module, "parametrizations", None)
-    if isinstance(par, nn.Module):
-        for sub in par.modules():
-            out += [(sub, n, p) for n, p in sub._parameters.items() if p is not None]
-            out += [(sub, n, None) for n, b in sub._buffers.items() if b is not None]
-    return out
-
-
-def _weight_norms(module: nn.Module) -> list[Any]:
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
 
 
 class OffloadManager:
@@ -199,11 +117,10 @@ class OffloadManager:
         self._reset()
 
     def _reset(self) -> None:
-        self._tensors: dict[Any, _Managed] = {}
-        self._blocks: list[_Block] = []
-        self._block_module: dict[int, nn.Module] = {}
-        self._specs: dict[str, _Spec] = {}
-        self._pin_blocks: dict[str, list[_Block]] = {}
+        self._tensors: dict[Any, Managed] = {}
+        self._blocks: list[Block] = []
+        self._specs: dict[str, ComponentSpec] = {}
+        self._pin_blocks: dict[str, list[Block]] = {}
         self._reserve: dict[str, int] = {}
         self._handles: list[Any] = []
         self._wrapped: list[tuple[Any, str]] = []
@@ -254,28 +171,15 @@ class OffloadManager:
             raise OffloadError("this OffloadManager is already attached")
         self._reset()
         self._check_storage()
-        self._specs = bundle_components(self.bundle)
-        model = self.bundle.model
-        anchors = {id(p) for p in (next(model.parameters()), model.null_condition_emb)}
-        for spec in self._specs.values():
-            anchors.update(id(t) for t in spec.anchors)
         try:
-            for comp, spec in self._specs.items():
-                for root in spec.roots:
-                    self._build(comp, root, type(root).__name__, None, [], anchors, False)
-            for name, p in model.named_parameters():  # the model's own (null_condition_emb): anchors
-                if id(p) not in self._tensors:
-                    if id(p) not in anchors:
-                        raise OffloadError(f"parameter {name} belongs to none of {COMPONENTS}: offload.py does not "
-                                           "know when it is used")
-                    self._register(model, name.rsplit(".", 1)[-1], p, "dit", anchor=True)
-            for m in (model, self.bundle.vae, self.bundle.text_encoder):
-                for name, b in m.named_buffers():
-                    if not any(t.param is None and t.get() is b for t in self._tensors.values()):
-                        raise OffloadError(f"buffer {name} belongs to no managed module")
-            self._plan_reserve()
+            plan = BlockPlan(self.bundle)
+            self._tensors, self._blocks, self._specs = plan.tensors, plan.blocks, plan.specs
+            self._pin_blocks, self._reserve = plan.pin_blocks, plan.reserve
+            self._weight_norm_modules = plan.weight_norm_modules
             if self.limit is not None and self.min_limit_bytes > self.limit:
                 raise OffloadError(self._too_small())
+            for block in self._blocks:
+                self._hook(block.module, block)
             for comp, spec in self._specs.items():
                 for obj, method in spec.entries:
                     self._wrap(comp, obj, method)
@@ -308,7 +212,7 @@ class OffloadManager:
         if self.moves:
             with torch.no_grad():
                 for m in self._weight_norm_modules:
-                    for wn in _weight_norms(m):
+                    for wn in weight_norms(m):
                         setattr(m, wn.name, wn.compute_weight(m))
         self._reset()
         self.resident_bytes = self.kept_bytes = 0
@@ -363,69 +267,6 @@ class OffloadManager:
             raise OffloadError(f"the bundle's weights must be on the storage device {self.storage} before attaching "
                                f"(found {wrong}); load it with device='{self.storage}'")
 
-    @staticmethod
-    def _key(module: nn.Module, name: str, param: nn.Parameter | None):
-        return id(param) if param is not None else (id(module), name)
-
-    def _register(self, module, name, param, component, anchor=False) -> _Managed:
-        key = self._key(module, name, param)
-        t = self._tensors.get(key)
-        if t is None:
-            data = param.data if param is not None else module._buffers[name]
-            t = _Managed(module, name, param, data, data.numel() * data.element_size(), component, anchor=anchor)
-            self._tensors[key] = t
-        return t
-
-    def _new_block(self, name, comp, module, anchors, holders, unit) -> _Block | None:
-        if unit:
-            items, seen = [], set()
-            for sub in module.modules():
-                for m, n, p in _direct_tensors(sub):
-                    if self._key(m, n, p) not in seen:
-                        seen.add(self._key(m, n, p))
-                        items.append((m, n, p))
-        else:
-            items = _direct_tensors(module)
-        tensors = [t for t in (self._register(m, n, p, comp, anchor=p is not None and id(p) in anchors)
-                               for m, n, p in items) if not t.anchor]
-        if not tensors:
-            return None
-        block = _Block(name, comp, tensors, sum(t.nbytes for t in tensors), unit=unit)
-        block.chain_bytes = block.nbytes + sum(h.nbytes for h in holders)
-        self._blocks.append(block)
-        self._block_module[id(block)] = module
-        self._hook(module, block)
-        return block
-
-    def _build(self, comp: str, module: nn.Module, name: str, unit: _Block | None, holders: list[_Block],
-               anchors: set[int], list_item: bool) -> None:
-        params = list(module.parameters())
-        if params and all(id(p) in anchors for p in params):  # an anchored module (FSQ quantiser): no hooks
-            for m in module.modules():
-                for mm, n, p in _direct_tensors(m):
-                    self._register(mm, n, p, comp).anchor = True
-            return
-        if _weight_norms(module):
-            self._weight_norm_modules.append(module)
-        children = [(n, c) for n, c in module.named_children() if n != "parametrizations"]
-        if unit is None and list_item:  # a layer of a ModuleList: one block with everything inside
-            block = self._new_block(name, comp, module, anchors, holders, unit=True)
-            for n, c in children:
-                self._build(comp, c, f"{name}.{n}", block, holders, anchors, False)
-            return
-        block = self._new_block(name, comp, module, anchors, holders, unit=False)
-        inner = holders + [block] if block is not None and unit is None and children else holders
-        for n, c in children:
-            self._build(comp, c, f"{name}.{n}", unit, inner, anchors, isinstance(module, nn.ModuleList))
-
-    def _plan_reserve(self) -> None:
-        for comp, spec in self._specs.items():
-            pins = {id(m) for m in spec.pins}
-            pin_blocks = [b for b in self._blocks if b.component == comp and id(self._block_module[id(b)]) in pins]
-            self._pin_blocks[comp] = pin_blocks
-            chains = [b.chain_bytes for b in self._blocks if b.component == comp and b not in pin_blocks]
-            self._reserve[comp] = sum(b.nbytes for b in pin_blocks) + max(chains, default=0)
-
     def _too_small(self) -> str:
         worst = max(self._reserve, key=self._reserve.get)
         return (f"vram_limit {_fmt(self.limit)} is below the smallest working set {_fmt(self.min_limit_bytes)} "
@@ -434,8 +275,8 @@ class OffloadManager:
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
-    def _hook(self, module: nn.Module, block: _Block) -> None:
-        weight_norm = bool(_weight_norms(module))
+    def _hook(self, module: nn.Module, block: Block) -> None:
+        weight_norm = bool(weight_norms(module))
         move_inputs = self.compute != self.storage
 
         def pre(mod, args, kwargs):
@@ -446,7 +287,7 @@ class OffloadManager:
 
         def post(mod, args, output):
             if weight_norm and self.moves:
-                _drop_weight_norm(mod)
+                drop_weight_norm(mod)
             self._release(block)
 
         # prepend: before weight norm's own pre-hook, which computes ``weight`` from weight_g / weight_v.
@@ -482,7 +323,7 @@ class OffloadManager:
 
     # ---- moving ------------------------------------------------------------------------------------------------
 
-    def _move_in(self, t: _Managed) -> None:
+    def _move_in(self, t: Managed) -> None:
         if t.on_compute:
             return
         if self.moves:
@@ -498,7 +339,7 @@ class OffloadManager:
         if t.anchor or t.resident:
             self.kept_bytes += t.nbytes
 
-    def _move_out(self, t: _Managed) -> None:
+    def _move_out(self, t: Managed) -> None:
         if not t.on_compute:
             return
         if t.anchor or t.resident:
@@ -509,7 +350,7 @@ class OffloadManager:
         t.on_compute = False
         self.resident_bytes -= t.nbytes
 
-    def _mark_kept(self, t: _Managed, keep: bool) -> None:
+    def _mark_kept(self, t: Managed, keep: bool) -> None:
         """Keep a tensor on the device after release, or not (``kept_bytes`` counts anchors + kept tensors)."""
         if t.anchor or t.resident == keep:
             return
@@ -517,7 +358,7 @@ class OffloadManager:
         if t.on_compute:
             self.kept_bytes += t.nbytes if keep else -t.nbytes
 
-    def _acquire(self, block: _Block) -> None:
+    def _acquire(self, block: Block) -> None:
         if self.active != block.component:
             self.activate(block.component)
         block.uses += 1
@@ -533,7 +374,7 @@ class OffloadManager:
         for t in block.tensors:
             t.refs += 1
 
-    def _release(self, block: _Block) -> None:
+    def _release(self, block: Block) -> None:
         moved = False
         for t in block.tensors:
             t.refs -= 1
@@ -545,7 +386,7 @@ class OffloadManager:
         if moved:
             self._notify("release", block.name)
 
-    def _evict(self, which: Callable[[_Managed], bool]) -> None:
+    def _evict(self, which: Callable[[Managed], bool]) -> None:
         moved = False
         for t in self._tensors.values():
             if t.anchor or not t.on_compute or not which(t):
@@ -575,15 +416,6 @@ class OffloadManager:
     def _notify(self, event: str, name: str) -> None:
         for fn in self.listeners:
             fn(event, name, self.resident_bytes)
-
-
-def _drop_weight_norm(module: nn.Module) -> None:
-    """Legacy weight norm keeps the computed ``weight`` as a plain attribute: swap it for a meta placeholder so it
-    does not hold device memory between forwards (its pre-hook recomputes it on every forward)."""
-    for wn in _weight_norms(module):
-        w = getattr(module, wn.name, None)
-        if isinstance(w, torch.Tensor) and w.device.type != "meta":
-            setattr(module, wn.name, torch.empty_like(w, device="meta"))
 
 
 def iter_blocks(mgr: OffloadManager) -> Iterable[tuple[str, str, int, bool]]:
