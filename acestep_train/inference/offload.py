@@ -6,7 +6,7 @@
     ...     result = Sampler(bundle, tiled_decode=True)(requests)
     >>> mgr.report()["peak_resident_bytes"]
 
-How it works (``pipeline.md`` §7.1, DiffSynth's ``vram_limit`` with weights as the budget):
+How it works (after DiffSynth's ``vram_limit`` with weights as the budget):
 
 * **Components** (the phases of a generation): ``text_encoder`` (Qwen3), ``condition_encoder`` (``model.encoder``,
   ``tokenizer``, ``detokenizer``), ``dit`` (``model.decoder``) and ``vae``. Only one is *active*; switching to

@@ -40,7 +40,7 @@ AdapterSource = Union[str, Path, LoraFile, Mapping[str, LoraDelta]]
 LOADED_PREFIX = "loaded_"  # PEFT adapter names of loaded files: loaded_0, loaded_1, ...
 
 
-def read_source(src: AdapterSource, format: str | None = None) -> tuple[str, dict[str, LoraDelta]]:
+def _read_source(src: AdapterSource, format: str | None = None) -> tuple[str, dict[str, LoraDelta]]:
     """``(label, weights)`` of a path, a :class:`LoraFile` or normalised weights."""
     if isinstance(src, LoraFile):
         return src.path, src.weights
@@ -96,7 +96,7 @@ def match_adapter(decoder: nn.Module, weights: Mapping[str, LoraDelta], label: s
 # ---- two ways to apply a normalised adapter ----------------------------------------------------------------------
 
 @torch.no_grad()
-def fuse_into_base(decoder: nn.Module, entries: Iterable[tuple[str, LoraDelta]], strength: float) -> None:
+def _fuse_into_base(decoder: nn.Module, entries: Iterable[tuple[str, LoraDelta]], strength: float) -> None:
     """``W += strength · scale · B @ A`` for each ``(path, delta)``, computed in fp32 and rounded once to W's dtype
     (into ``base_layer`` when the module is a PEFT layer)."""
     if strength == 0:
@@ -119,7 +119,7 @@ def _peft_config(entries: list[tuple[str, LoraDelta]]):
                            alpha_pattern=alpha_pattern)
 
 
-def inject_loaded(decoder: nn.Module, adapter_name: str, entries: list[tuple[str, LoraDelta]], strength: float,
+def _inject_loaded(decoder: nn.Module, adapter_name: str, entries: list[tuple[str, LoraDelta]], strength: float,
                   dtype: torch.dtype | None = None) -> None:
     """One normalised adapter as the frozen PEFT adapter ``adapter_name``: ``A``/``B`` in ``dtype`` (default: each
     layer's weight dtype) on the layer's device, ``scaling = scale × strength``."""
@@ -188,7 +188,7 @@ class LoadedAdapters:
         if not a.active:
             raise LoraError(f"adapter {a.label} was removed")
         if a.fused:
-            fuse_into_base(self.decoder, a.entries, float(strength) - a.strength)
+            _fuse_into_base(self.decoder, a.entries, float(strength) - a.strength)
         else:
             for path, w in a.entries:
                 self.decoder.get_submodule(path).scaling[a.peft_name] = w.scale * float(strength)
@@ -201,7 +201,7 @@ class LoadedAdapters:
             if not a.active:
                 continue
             if a.fused:
-                fuse_into_base(self.decoder, a.entries, -a.strength)
+                _fuse_into_base(self.decoder, a.entries, -a.strength)
             else:
                 delete_adapter(self.decoder, a.peft_name)
             a.active = False
@@ -235,17 +235,17 @@ def load_adapters(
     plan = []
     for item in adapters:
         src, strength = item if isinstance(item, tuple) else (item, 1.0)
-        label, weights = read_source(src, format)
+        label, weights = _read_source(src, format)
         entries = [(path, w) for path, _, w in match_adapter(decoder, weights, label)]
         plan.append((label, float(strength), entries))
     handle = LoadedAdapters(decoder)
     for label, strength, entries in plan:
         name = None
         if fuse:
-            fuse_into_base(decoder, entries, strength)
+            _fuse_into_base(decoder, entries, strength)
         else:
             name = _free_name(decoder)
-            inject_loaded(decoder, name, entries, strength, dtype)
+            _inject_loaded(decoder, name, entries, strength, dtype)
         handle.adapters.append(LoadedAdapter(label, strength, entries, name))
         log.info("LoRA %s: %d modules, strength %g, %s", label, len(entries), strength,
                  "fused" if fuse else f"PEFT adapter {name!r}")
@@ -303,7 +303,7 @@ def load_adapter_into_trainable(decoder: nn.Module, source: AdapterSource, *, ad
         if not isinstance(source, (str, Path)):
             raise LoraError(f"a {spec.variant} adapter is initialised from an 'acestep' file or a 'peft' folder")
         return _init_from_state(dec, spec, source, adapter_name, format)
-    _, weights = read_source(source, format)
+    _, weights = _read_source(source, format)
     entries = match_adapter(dec, weights, label)
     unadapted = [p for p, m, _ in entries if adapter_name not in getattr(m, "lora_A", {})]
     if unadapted:
@@ -373,6 +373,5 @@ def restore_adapter(decoder: nn.Module, path: str | Path, *, adapter_name: str =
     return live_spec
 
 
-__all__ = ["AdapterSource", "LoadedAdapter", "LoadedAdapters", "fuse_into_base", "inject_loaded",
-           "load_adapter_into_trainable", "load_adapters", "load_adapters_fused_into_base", "match_adapter",
-           "read_source", "restore_adapter"]
+__all__ = ["AdapterSource", "LoadedAdapter", "LoadedAdapters", "load_adapter_into_trainable", "load_adapters",
+           "load_adapters_fused_into_base", "match_adapter", "restore_adapter"]

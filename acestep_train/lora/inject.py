@@ -45,7 +45,7 @@ SPECS_ATTR = "acestep_lora_specs"
 
 
 def require_peft():
-    """Import PEFT or fail loudly: training "LoRA" without it would silently fine-tune nothing (training.md §9)."""
+    """Import PEFT or fail loudly: training "LoRA" without it would silently fine-tune nothing."""
     try:
         import peft
     except ImportError as e:  # pragma: no cover - exercised through monkeypatching in the tests
