@@ -273,7 +273,7 @@ def _adapter_record(lf, spec: AdapterSpec, fused: bool) -> dict[str, Any]:
     p = Path(lf.path)
     weights_file = p if p.is_file() else None
     if p.is_dir():
-        from acestep_train.lora.formats import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
+        from acestep_train.lora import PEFT_WEIGHTS, PEFT_WEIGHTS_BIN
 
         weights_file = next((p / n for n in (PEFT_WEIGHTS, PEFT_WEIGHTS_BIN) if (p / n).is_file()), None)
     meta = lf.metadata.get("acestep_lora", lf.metadata) if lf.format == "peft" else lf.metadata
@@ -336,8 +336,8 @@ def run(cfg: DictConfig | Mapping) -> list[dict[str, Any]]:
                       ("vae_decode_overlap_frames", "decode_overlap_frames")):
         if cfg.get(key) is not None:
             setattr(bundle.vae, attr, int(cfg.get(key)))
-    handle = load_adapters(bundle.model, [(lf, spec.strength) for lf, spec in adapters], fuse=fuse) if adapters \
-        else None
+    if adapters:  # fused into the weights, or frozen PEFT adapters that offloading streams with their layers
+        load_adapters(bundle.model, [(lf, spec.strength) for lf, spec in adapters], fuse=fuse)
     tiled = True if offload else cfg.get("tiled_decode")
     sampler = Sampler(bundle, tiled_decode=tiled)
     progress = bool(cfg.get("progress", True))
@@ -347,8 +347,6 @@ def run(cfg: DictConfig | Mapping) -> list[dict[str, Any]]:
 
         mgr = OffloadManager(bundle, device, vram_limit_gb=float(vram_limit), pin_memory=cfg.get("pin_memory"))
         with mgr:
-            if handle is not None and not fuse:
-                mgr.adopt_lora_hooks(handle)
             result = sampler(job.requests, progress=progress)
             offload_report = mgr.report()
     else:

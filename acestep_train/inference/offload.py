@@ -6,13 +6,15 @@
     ...     result = Sampler(bundle, tiled_decode=True)(requests)
     >>> mgr.report()["peak_resident_bytes"]
 
-How it works (``pipeline.md`` §7.1, DiffSynth's ``vram_limit`` with weights as the budget):
+How it works (after DiffSynth's ``vram_limit`` with weights as the budget):
 
 * **Components** (the phases of a generation): ``text_encoder`` (Qwen3), ``condition_encoder`` (``model.encoder``,
   ``tokenizer``, ``detokenizer``), ``dit`` (``model.decoder``) and ``vae``. Only one is *active*; switching to
   another evicts everything the previous one kept on the device (DiffSynth's ``load_models_to_device``). A switch
   happens automatically when a component's module runs or one of its entry methods is called (``encode_captions``,
-  ``encode_conditions``, ``cross_kv``, ``vae.decode`` ...), or explicitly with :meth:`OffloadManager.phase`.
+  ``encode_conditions``, ``cross_kv``, ``vae.decode`` ...), or explicitly with :meth:`OffloadManager.phase`. A plain
+  method call is seen by no module hook, so the entry methods are wrapped while attached (an instance attribute
+  shadows the method; detach removes it): the wrapper switches the phase and holds the component's pins.
 * **Blocks** (the streaming unit): every element of an ``nn.ModuleList`` (DiT layers, encoder-stack layers, Qwen3
   layers, VAE encoder/decoder blocks) is one block holding all its parameters and buffers; any other module with
   parameters of its own (embeddings, projections, norms, the DiT's ``scale_shift_table``) is a block of those.
@@ -32,7 +34,10 @@ How it works (``pipeline.md`` §7.1, DiffSynth's ``vram_limit`` with weights as 
 The limit covers parameters and buffers (what ``resident_bytes`` counts); activations (attention, VAE tiles) come
 on top of it: ``bench/bench_low_vram.py`` measures the real peak on a GPU. With ``compute == storage`` (no GPU)
 nothing moves but the accounting runs the same; ``force_copy=True`` then makes every "move" a real copy so that
-the mechanism itself can be tested on a CPU. Weights must not be modified while attached (fuse adapters before).
+the mechanism itself can be tested on a CPU. Weights and the module structure must not change while attached: fuse,
+load or remove adapters before attaching. Unfused LoRA adapters (:func:`~acestep_train.lora.load_adapters`) are PEFT
+layers whose ``lora_A`` / ``lora_B`` weights are parameters of the layer that holds them, so they are streamed with
+that layer's block like any other parameter (changing a strength while attached is fine: it is no tensor).
 Legacy weight-norm convolutions (the VAE) recompute ``weight`` from ``weight_g``/``weight_v`` in a pre-hook and
 keep it as a plain attribute; the manager replaces it with a meta placeholder after each forward so it does not
 hold device memory, and recomputes it on detach.
@@ -45,22 +50,18 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from acestep_train.inference.offload_plan import (COMPONENTS, Block, BlockPlan, ComponentSpec, Managed, OffloadError,
+                                                  bundle_components, drop_weight_norm, weight_norms)
+
 log = logging.getLogger(__name__)
 
 GB = 1024**3
-COMPONENTS = ("text_encoder", "condition_encoder", "dit", "vae")
 ANCHORS = "anchors"
-
-
-class OffloadError(ValueError):
-    """An offload configuration that cannot work (limit below the smallest working set, bad device)."""
-
 
 def _fmt(nbytes: float) -> str:
     return f"{nbytes / GB:.3f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1024**2:.1f} MB"
@@ -75,86 +76,9 @@ def _norm_device(device: str | torch.device) -> torch.device:
     return d
 
 
-@dataclass(eq=False)
-class _Managed:
-    """One parameter or buffer under management."""
-
-    module: nn.Module
-    name: str
-    param: nn.Parameter | None  # None for a buffer
-    storage: torch.Tensor  # its data on the storage device
-    nbytes: int
-    component: str
-    refs: int = 0
-    resident: bool = False  # kept on the compute device after release ("preparing")
-    anchor: bool = False
-    on_compute: bool = False
-
-    def set(self, data: torch.Tensor) -> None:
-        if self.param is not None:
-            self.param.data = data
-        else:
-            self.module._buffers[self.name] = data
-
-    def get(self) -> torch.Tensor:
-        return self.param.data if self.param is not None else self.module._buffers[self.name]
-
-
-@dataclass(eq=False)
-class _Block:
-    name: str
-    component: str
-    tensors: list[_Managed]
-    nbytes: int
-    chain_bytes: int = 0  # this block plus the blocks that enclose it (held at the same time)
-    unit: bool = False
-    uses: int = 0
-    streamed: int = 0  # times its tensors had to be moved in
-
-
-@dataclass
-class _Spec:
-    roots: list[nn.Module]
-    entries: list[tuple[Any, str]] = field(default_factory=list)
-    pins: list[nn.Module] = field(default_factory=list)
-    anchors: list[torch.Tensor] = field(default_factory=list)
-
-
-def bundle_components(bundle) -> dict[str, _Spec]:
-    """What the sampler touches, per component (see the module docstring)."""
-    m, te, vae = bundle.model, bundle.text_encoder, bundle.vae
-    return {
-        "text_encoder": _Spec([te], [(te, "encode_captions"), (te, "embed_lyrics")], pins=[te.model.embed_tokens]),
-        "condition_encoder": _Spec(
-            [m.encoder, m.tokenizer, m.detokenizer],
-            [(m, "encode_conditions"), (m, "latents_to_hints"), (m, "codes_to_hints"), (m.tokenizer, "tokenize"),
-             (m.tokenizer, "indices_to_quantized")],
-            anchors=list(m.tokenizer.quantizer.parameters()) + list(m.tokenizer.quantizer.buffers())),
-        "dit": _Spec([m.decoder], [(m.decoder, "cross_kv")]),
-        "vae": _Spec([vae], [(vae, "encode"), (vae, "decode")], anchors=[next(vae.parameters())]),
-    }
-
-
-def _direct_tensors(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter | None]]:
-    """Parameters and buffers of the module itself (plus those of its ``parametrizations``, read on access)."""
-    out = [(module, n, p) for n, p in module._parameters.items() if p is not None]
-    out += [(module, n, None) for n, b in module._buffers.items() if b is not None]
-    par = getattr(module, "parametrizations", None)
-    if isinstance(par, nn.Module):
-        for sub in par.modules():
-            out += [(sub, n, p) for n, p in sub._parameters.items() if p is not None]
-            out += [(sub, n, None) for n, b in sub._buffers.items() if b is not None]
-    return out
-
-
-def _weight_norms(module: nn.Module) -> list[Any]:
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    return [h for h in module._forward_pre_hooks.values() if isinstance(h, WeightNorm)]
-
-
 class OffloadManager:
-    """Stream a :class:`~acestep_train.checkpoints.loading.ModelBundle` through a limited compute device (module docstring).
+    """Stream a :class:`~acestep_train.checkpoints.loading.ModelBundle` through a limited compute device (see the
+    module docstring).
 
     ``vram_limit_gb`` / ``limit_bytes``: the budget for parameters and buffers on the compute device (None: no
     limit, everything an active component touches stays until the next phase: the official ``offload_to_cpu``).
@@ -183,8 +107,8 @@ class OffloadManager:
         self.empty_cache = empty_cache
         self.active: str | None = None
         self.history: list[str] = []  # components in the order they became active
-        self.resident_bytes = 0  # managed tensors on the compute device now (+ adopted LoRA tensors)
-        self.kept_bytes = 0  # the part of it that stays after release (anchors, resident blocks, LoRA)
+        self.resident_bytes = 0  # managed tensors on the compute device now
+        self.kept_bytes = 0  # the part of it that stays after release (anchors, resident blocks)
         self.peak_bytes = 0
         self.moved_bytes = 0  # storage -> compute traffic since attach
         self.overflows = 0
@@ -193,17 +117,14 @@ class OffloadManager:
         self._reset()
 
     def _reset(self) -> None:
-        self._tensors: dict[Any, _Managed] = {}
-        self._blocks: list[_Block] = []
-        self._block_module: dict[int, nn.Module] = {}
-        self._specs: dict[str, _Spec] = {}
-        self._pin_blocks: dict[str, list[_Block]] = {}
+        self._tensors: dict[Any, Managed] = {}
+        self._blocks: list[Block] = []
+        self._specs: dict[str, ComponentSpec] = {}
+        self._pin_blocks: dict[str, list[Block]] = {}
         self._reserve: dict[str, int] = {}
         self._handles: list[Any] = []
         self._wrapped: list[tuple[Any, str]] = []
         self._weight_norm_modules: list[nn.Module] = []
-        self._lora: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
-        self.extra_bytes = 0
 
     # ---- public ------------------------------------------------------------------------------------------------
 
@@ -215,7 +136,7 @@ class OffloadManager:
 
     @property
     def anchor_bytes(self) -> int:
-        return sum(t.nbytes for t in self._tensors.values() if t.anchor) + self.extra_bytes
+        return sum(t.nbytes for t in self._tensors.values() if t.anchor)
 
     @property
     def min_limit_bytes(self) -> int:
@@ -223,7 +144,7 @@ class OffloadManager:
         return self.anchor_bytes + max(self._reserve.values(), default=0)
 
     def component_bytes(self, component: str) -> int:
-        """Bytes of a component's tensors on the compute device now (``"anchors"``: the anchors and LoRA tensors)."""
+        """Bytes of a component's tensors on the compute device now (``"anchors"``: the anchors)."""
         if component == ANCHORS:
             return self.anchor_bytes
         return sum(t.nbytes for t in self._tensors.values()
@@ -250,28 +171,15 @@ class OffloadManager:
             raise OffloadError("this OffloadManager is already attached")
         self._reset()
         self._check_storage()
-        self._specs = bundle_components(self.bundle)
-        model = self.bundle.model
-        anchors = {id(p) for p in (next(model.parameters()), model.null_condition_emb)}
-        for spec in self._specs.values():
-            anchors.update(id(t) for t in spec.anchors)
         try:
-            for comp, spec in self._specs.items():
-                for root in spec.roots:
-                    self._build(comp, root, type(root).__name__, None, [], anchors, False)
-            for name, p in model.named_parameters():  # the model's own (null_condition_emb): anchors
-                if id(p) not in self._tensors:
-                    if id(p) not in anchors:
-                        raise OffloadError(f"parameter {name} belongs to none of {COMPONENTS}: offload.py does not "
-                                           "know when it is used")
-                    self._register(model, name.rsplit(".", 1)[-1], p, "dit", anchor=True)
-            for m in (model, self.bundle.vae, self.bundle.text_encoder):
-                for name, b in m.named_buffers():
-                    if not any(t.param is None and t.get() is b for t in self._tensors.values()):
-                        raise OffloadError(f"buffer {name} belongs to no managed module")
-            self._plan_reserve()
+            plan = BlockPlan(self.bundle)
+            self._tensors, self._blocks, self._specs = plan.tensors, plan.blocks, plan.specs
+            self._pin_blocks, self._reserve = plan.pin_blocks, plan.reserve
+            self._weight_norm_modules = plan.weight_norm_modules
             if self.limit is not None and self.min_limit_bytes > self.limit:
                 raise OffloadError(self._too_small())
+            for block in self._blocks:
+                self._hook(block.module, block)
             for comp, spec in self._specs.items():
                 for obj, method in spec.entries:
                     self._wrap(comp, obj, method)
@@ -293,7 +201,7 @@ class OffloadManager:
         return self
 
     def detach(self) -> None:
-        """Everything back on the storage device; hooks, wrappers and adopted LoRA tensors restored."""
+        """Everything back on the storage device; hooks and wrappers removed."""
         for h in self._handles:
             h.remove()
         for obj, name in self._wrapped:
@@ -301,12 +209,10 @@ class OffloadManager:
         for t in self._tensors.values():
             if t.on_compute and self.moves:
                 t.set(t.storage)
-        for hook, a, b in self._lora:
-            hook.A, hook.B = a, b
         if self.moves:
             with torch.no_grad():
                 for m in self._weight_norm_modules:
-                    for wn in _weight_norms(m):
+                    for wn in weight_norms(m):
                         setattr(m, wn.name, wn.compute_weight(m))
         self._reset()
         self.resident_bytes = self.kept_bytes = 0
@@ -340,24 +246,6 @@ class OffloadManager:
         self._evict(lambda t: True)
         self.active = None
 
-    def adopt_lora_hooks(self, handle) -> None:
-        """Unfused adapters (:func:`~acestep_train.lora.load_adapters` with ``fuse=False``) run as forward hooks with
-        their own A/B tensors: move those to the compute device for the whole attachment, counted with the anchors."""
-        if not self.attached:
-            raise OffloadError("attach the OffloadManager before adopting LoRA hooks")
-        for applied in getattr(handle, "adapters", []):
-            for _, hook in getattr(applied, "hooks", []):
-                a, b = hook.A, hook.B
-                self._lora.append((hook, a, b))
-                hook.A, hook.B = a.to(self.compute), b.to(self.compute)
-                n = a.numel() * a.element_size() + b.numel() * b.element_size()
-                self.extra_bytes += n
-                self.resident_bytes += n
-                self.kept_bytes += n
-        if self.limit is not None and self.min_limit_bytes > self.limit:
-            raise OffloadError(self._too_small())
-        self._update_peak("adopt_lora", ANCHORS)
-
     def report(self) -> dict[str, Any]:
         used = [b for b in self._blocks if b.uses]
         return {
@@ -379,69 +267,6 @@ class OffloadManager:
             raise OffloadError(f"the bundle's weights must be on the storage device {self.storage} before attaching "
                                f"(found {wrong}); load it with device='{self.storage}'")
 
-    @staticmethod
-    def _key(module: nn.Module, name: str, param: nn.Parameter | None):
-        return id(param) if param is not None else (id(module), name)
-
-    def _register(self, module, name, param, component, anchor=False) -> _Managed:
-        key = self._key(module, name, param)
-        t = self._tensors.get(key)
-        if t is None:
-            data = param.data if param is not None else module._buffers[name]
-            t = _Managed(module, name, param, data, data.numel() * data.element_size(), component, anchor=anchor)
-            self._tensors[key] = t
-        return t
-
-    def _new_block(self, name, comp, module, anchors, holders, unit) -> _Block | None:
-        if unit:
-            items, seen = [], set()
-            for sub in module.modules():
-                for m, n, p in _direct_tensors(sub):
-                    if self._key(m, n, p) not in seen:
-                        seen.add(self._key(m, n, p))
-                        items.append((m, n, p))
-        else:
-            items = _direct_tensors(module)
-        tensors = [t for t in (self._register(m, n, p, comp, anchor=p is not None and id(p) in anchors)
-                               for m, n, p in items) if not t.anchor]
-        if not tensors:
-            return None
-        block = _Block(name, comp, tensors, sum(t.nbytes for t in tensors), unit=unit)
-        block.chain_bytes = block.nbytes + sum(h.nbytes for h in holders)
-        self._blocks.append(block)
-        self._block_module[id(block)] = module
-        self._hook(module, block)
-        return block
-
-    def _build(self, comp: str, module: nn.Module, name: str, unit: _Block | None, holders: list[_Block],
-               anchors: set[int], list_item: bool) -> None:
-        params = list(module.parameters())
-        if params and all(id(p) in anchors for p in params):  # an anchored module (FSQ quantiser): no hooks
-            for m in module.modules():
-                for mm, n, p in _direct_tensors(m):
-                    self._register(mm, n, p, comp).anchor = True
-            return
-        if _weight_norms(module):
-            self._weight_norm_modules.append(module)
-        children = [(n, c) for n, c in module.named_children() if n != "parametrizations"]
-        if unit is None and list_item:  # a layer of a ModuleList: one block with everything inside
-            block = self._new_block(name, comp, module, anchors, holders, unit=True)
-            for n, c in children:
-                self._build(comp, c, f"{name}.{n}", block, holders, anchors, False)
-            return
-        block = self._new_block(name, comp, module, anchors, holders, unit=False)
-        inner = holders + [block] if block is not None and unit is None and children else holders
-        for n, c in children:
-            self._build(comp, c, f"{name}.{n}", unit, inner, anchors, isinstance(module, nn.ModuleList))
-
-    def _plan_reserve(self) -> None:
-        for comp, spec in self._specs.items():
-            pins = {id(m) for m in spec.pins}
-            pin_blocks = [b for b in self._blocks if b.component == comp and id(self._block_module[id(b)]) in pins]
-            self._pin_blocks[comp] = pin_blocks
-            chains = [b.chain_bytes for b in self._blocks if b.component == comp and b not in pin_blocks]
-            self._reserve[comp] = sum(b.nbytes for b in pin_blocks) + max(chains, default=0)
-
     def _too_small(self) -> str:
         worst = max(self._reserve, key=self._reserve.get)
         return (f"vram_limit {_fmt(self.limit)} is below the smallest working set {_fmt(self.min_limit_bytes)} "
@@ -450,8 +275,8 @@ class OffloadManager:
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
-    def _hook(self, module: nn.Module, block: _Block) -> None:
-        weight_norm = bool(_weight_norms(module))
+    def _hook(self, module: nn.Module, block: Block) -> None:
+        weight_norm = bool(weight_norms(module))
         move_inputs = self.compute != self.storage
 
         def pre(mod, args, kwargs):
@@ -462,7 +287,7 @@ class OffloadManager:
 
         def post(mod, args, output):
             if weight_norm and self.moves:
-                _drop_weight_norm(mod)
+                drop_weight_norm(mod)
             self._release(block)
 
         # prepend: before weight norm's own pre-hook, which computes ``weight`` from weight_g / weight_v.
@@ -498,7 +323,7 @@ class OffloadManager:
 
     # ---- moving ------------------------------------------------------------------------------------------------
 
-    def _move_in(self, t: _Managed) -> None:
+    def _move_in(self, t: Managed) -> None:
         if t.on_compute:
             return
         if self.moves:
@@ -514,7 +339,7 @@ class OffloadManager:
         if t.anchor or t.resident:
             self.kept_bytes += t.nbytes
 
-    def _move_out(self, t: _Managed) -> None:
+    def _move_out(self, t: Managed) -> None:
         if not t.on_compute:
             return
         if t.anchor or t.resident:
@@ -525,7 +350,7 @@ class OffloadManager:
         t.on_compute = False
         self.resident_bytes -= t.nbytes
 
-    def _mark_kept(self, t: _Managed, keep: bool) -> None:
+    def _mark_kept(self, t: Managed, keep: bool) -> None:
         """Keep a tensor on the device after release, or not (``kept_bytes`` counts anchors + kept tensors)."""
         if t.anchor or t.resident == keep:
             return
@@ -533,7 +358,7 @@ class OffloadManager:
         if t.on_compute:
             self.kept_bytes += t.nbytes if keep else -t.nbytes
 
-    def _acquire(self, block: _Block) -> None:
+    def _acquire(self, block: Block) -> None:
         if self.active != block.component:
             self.activate(block.component)
         block.uses += 1
@@ -549,7 +374,7 @@ class OffloadManager:
         for t in block.tensors:
             t.refs += 1
 
-    def _release(self, block: _Block) -> None:
+    def _release(self, block: Block) -> None:
         moved = False
         for t in block.tensors:
             t.refs -= 1
@@ -561,7 +386,7 @@ class OffloadManager:
         if moved:
             self._notify("release", block.name)
 
-    def _evict(self, which: Callable[[_Managed], bool]) -> None:
+    def _evict(self, which: Callable[[Managed], bool]) -> None:
         moved = False
         for t in self._tensors.values():
             if t.anchor or not t.on_compute or not which(t):
@@ -591,15 +416,6 @@ class OffloadManager:
     def _notify(self, event: str, name: str) -> None:
         for fn in self.listeners:
             fn(event, name, self.resident_bytes)
-
-
-def _drop_weight_norm(module: nn.Module) -> None:
-    """Legacy weight norm keeps the computed ``weight`` as a plain attribute: swap it for a meta placeholder so it
-    does not hold device memory between forwards (its pre-hook recomputes it on every forward)."""
-    for wn in _weight_norms(module):
-        w = getattr(module, wn.name, None)
-        if isinstance(w, torch.Tensor) and w.device.type != "meta":
-            setattr(module, wn.name, torch.empty_like(w, device="meta"))
 
 
 def iter_blocks(mgr: OffloadManager) -> Iterable[tuple[str, str, int, bool]]:

@@ -1,4 +1,4 @@
-"""Put PEFT adapters (LoRA, DoRA, LoKr) into the DiT in place, train only them, read them out, merge them.
+"""Put PEFT adapters (LoRA, DoRA, LoKr) into the DiT in place, train only them, read them out.
 
 Injection uses ``peft.inject_adapter_in_model`` and not ``get_peft_model``: the decoder stays the same
 :class:`~acestep_train.models.dit.AceStepDiT` object (same ``forward`` signature, no ``PeftModel`` wrapper whose
@@ -10,8 +10,10 @@ PEFT layer, so the decoder's state dict changes predictably::
                                           layers.0.self_attn.q_proj.lora_B.<adapter>.weight   [out, r]
 
 :func:`adapter_state_dict` gives the adapter alone under PEFT's canonical names (adapter name removed, relative to
-the decoder: ``layers.0.self_attn.q_proj.lora_A.weight``), the names every exporter in :mod:`.formats` starts from.
-:func:`remove_adapters` restores the released key names (optionally merging first).
+the decoder: ``layers.0.self_attn.q_proj.lora_A.weight``), the names every exporter in :mod:`.files` starts from.
+:func:`~.live.remove_adapters` restores the released key names (optionally merging first). PEFT is the only adapter
+runtime: adapters loaded from files for inference (:mod:`.apply`) are PEFT layers as well, beside or instead of a
+trainable one (:func:`inject_adapter`).
 
 Targets follow PEFT's rules: a string is a regular expression that must match a whole module path (``re.fullmatch``;
 the presets are ``model.lora_targets`` in ``conf/model/_2b.yaml``), a list holds module paths or path suffixes. The
@@ -33,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from acestep_train.lora.keys import LoraError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("lora", "lokr")
@@ -40,12 +44,8 @@ KINDS = ("lora", "lokr")
 SPECS_ATTR = "acestep_lora_specs"
 
 
-class LoraError(ValueError):
-    """An adapter request that cannot be honoured (bad targets, unknown adapter, unsupported variant)."""
-
-
 def require_peft():
-    """Import PEFT or fail loudly: training "LoRA" without it would silently fine-tune nothing (training.md §9)."""
+    """Import PEFT or fail loudly: training "LoRA" without it would silently fine-tune nothing."""
     try:
         import peft
     except ImportError as e:  # pragma: no cover - exercised through monkeypatching in the tests
@@ -94,7 +94,7 @@ def resolve_decoder(module: nn.Module) -> nn.Module:
     return module
 
 
-def _is_tuner_layer(module: nn.Module) -> bool:
+def is_tuner_layer(module: nn.Module) -> bool:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
@@ -115,12 +115,12 @@ def linear_paths(decoder: nn.Module) -> list[str]:
     for name, m in decoder.named_modules():
         if name.endswith(".base_layer") or ".base_layer." in name:
             continue
-        if isinstance(base_linear(m), nn.Linear) and not _inside_adapter(name):
+        if isinstance(base_linear(m), nn.Linear) and not inside_adapter(name):
             out.append(name)
     return out
 
 
-def _inside_adapter(name: str) -> bool:
+def inside_adapter(name: str) -> bool:
     return bool(re.search(r"\.(lora_[A-Za-z_]+|lokr_\w+|lora_magnitude_vector)(\.|$)", name))
 
 
@@ -148,7 +148,7 @@ def match_targets(decoder: nn.Module, target_modules: str | Sequence[str]) -> li
             return any(name == t or name.endswith("." + t) for t in targets)
 
     names = [n for n, _ in decoder.named_modules()
-             if n and not n.endswith(".base_layer") and ".base_layer." not in n and not _inside_adapter(n)]
+             if n and not n.endswith(".base_layer") and ".base_layer." not in n and not inside_adapter(n)]
     matched = [n for n in names if hit(n)]
     if not matched:
         linears = linear_paths(decoder)
@@ -182,7 +182,8 @@ def get_spec(decoder: nn.Module, adapter_name: str = "default") -> LoraSpec:
     cfg = (getattr(decoder, "peft_config", {}) or {}).get(adapter_name)
     if cfg is None:
         raise LoraError(f"no adapter named {adapter_name!r} in the decoder (adapters: {adapter_names(decoder)})")
-    modules = sorted(n for n, m in decoder.named_modules() if _is_tuner_layer(m) and adapter_name in _layer_adapters(m))
+    modules = sorted(n for n, m in decoder.named_modules()
+                     if is_tuner_layer(m) and adapter_name in layer_adapter_names(m))
     peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type)).upper()
     if peft_type == "LORA":
         return LoraSpec("lora", int(cfg.r), float(cfg.lora_alpha), float(cfg.lora_dropout),
@@ -198,7 +199,7 @@ def _targets_of(cfg) -> str | list[str]:
     return t if isinstance(t, str) else sorted(t)
 
 
-def _layer_adapters(layer: nn.Module) -> set[str]:
+def layer_adapter_names(layer: nn.Module) -> set[str]:
     names: set[str] = set()
     for attr in getattr(layer, "adapter_layer_names", ()):
         d = getattr(layer, attr, None)
@@ -207,7 +208,7 @@ def _layer_adapters(layer: nn.Module) -> set[str]:
     return names
 
 
-def _adapter_params(decoder: nn.Module, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
+def adapter_params(decoder: nn.Module, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
     """Parameters of one adapter (``….lora_A.<name>.weight``, ``….lokr_w1.<name>``, DoRA magnitudes)."""
     pat = re.compile(rf"\.(lora_[A-Za-z_]+|lokr_\w+)\.{re.escape(adapter_name)}(\.|$)")
     return [(n, p) for n, p in decoder.named_parameters() if pat.search(n)]
@@ -252,19 +253,12 @@ def apply_lora(
         if use_rslora:
             raise LoraError("use_rslora applies to kind='lora' only")
         config = peft.LoKrConfig(r=int(rank), alpha=alpha, rank_dropout=float(dropout), target_modules=modules)
-    previous = adapter_names(decoder)
-    with warnings.catch_warnings():
-        # "Already found a peft_config attribute": expected when a second adapter is injected.
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        peft.inject_adapter_in_model(config, decoder, adapter_name=adapter_name)
+    inject_adapter(decoder, config, adapter_name)
     spec = LoraSpec(kind, int(rank), float(alpha), float(dropout),
                     target_modules if isinstance(target_modules, str) else list(target_modules),
                     bool(use_dora), bool(use_rslora), modules)
-    specs = dict(getattr(decoder, SPECS_ATTR, {}) or {})
-    specs[adapter_name] = spec
-    setattr(decoder, SPECS_ATTR, specs)
-    set_active_adapters(decoder, previous + [adapter_name])
-    params = _adapter_params(decoder, adapter_name)
+    getattr(decoder, SPECS_ATTR)[adapter_name] = spec
+    params = adapter_params(decoder, adapter_name)
     if adapter_dtype is not None:
         for _, p in params:
             if p.is_floating_point() and p.dtype != adapter_dtype:
@@ -280,6 +274,31 @@ def apply_lora(
     return modules
 
 
+def inject_adapter(decoder: nn.Module, config, adapter_name: str, *, empty: bool = False) -> None:
+    """``peft.inject_adapter_in_model`` under a new name, with every adapter present staying active.
+
+    ``requires_grad`` of the parameters already there is kept (PEFT would freeze them); the new adapter's parameters
+    are left as PEFT made them (trainable). ``empty=True`` creates them on the meta device (no initialisation, no
+    random numbers drawn): the caller assigns their values.
+    """
+    peft = require_peft()
+    decoder = resolve_decoder(decoder)
+    if adapter_name in adapter_names(decoder):
+        raise LoraError(f"the decoder already has an adapter named {adapter_name!r}; pick another adapter_name")
+    previous = adapter_names(decoder)
+    grads = {id(p): p.requires_grad for p in decoder.parameters()}
+    with warnings.catch_warnings():
+        # "Already found a peft_config attribute": expected when a second adapter is injected.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        peft.inject_adapter_in_model(config, decoder, adapter_name=adapter_name, low_cpu_mem_usage=empty)
+    if not hasattr(decoder, SPECS_ATTR):
+        setattr(decoder, SPECS_ATTR, {})
+    set_active_adapters(decoder, previous + [adapter_name])
+    for p in decoder.parameters():
+        if id(p) in grads:
+            p.requires_grad_(grads[id(p)])
+
+
 def set_active_adapters(decoder: nn.Module, names: str | Iterable[str]) -> None:
     """Make exactly ``names`` active in every PEFT layer (their contributions add up); does not change
     ``requires_grad``."""
@@ -290,21 +309,10 @@ def set_active_adapters(decoder: nn.Module, names: str | Iterable[str]) -> None:
         raise LoraError(f"unknown adapters {unknown}; the decoder has {adapter_names(decoder)}")
     grads = {id(p): p.requires_grad for p in decoder.parameters()}
     for m in decoder.modules():
-        if _is_tuner_layer(m):
+        if is_tuner_layer(m):
             m.set_adapter(names)
     for p in decoder.parameters():
         p.requires_grad_(grads[id(p)])
-
-
-def set_adapter_strength(decoder: nn.Module, strength: float, adapter_name: str = "default") -> None:
-    """Scale a live LoRA adapter's contribution (official ``set_lora_scale``: ``scaling = alpha/r × strength``)."""
-    spec = get_spec(decoder, adapter_name)
-    decoder = resolve_decoder(decoder)
-    for m in decoder.modules():
-        if _is_tuner_layer(m) and adapter_name in _layer_adapters(m):
-            if not hasattr(m, "scaling"):
-                raise LoraError(f"{spec.kind} adapters have no strength control here")
-            m.scaling[adapter_name] = spec.scale * float(strength)
 
 
 # ---- reading out -------------------------------------------------------------------------------------------------
@@ -347,7 +355,7 @@ def trainable_report(module: nn.Module) -> TrainableReport:
     for name, p in module.named_parameters():
         n = p.numel()
         total += n
-        is_adapter = _inside_adapter(name)
+        is_adapter = inside_adapter(name)
         if p.requires_grad:
             trainable += n
             if is_adapter:
@@ -359,49 +367,7 @@ def trainable_report(module: nn.Module) -> TrainableReport:
     return TrainableReport(total, trainable, adapter, frozen_adapter, other)
 
 
-# ---- merging -----------------------------------------------------------------------------------------------------
-
-def merge_adapters(decoder: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> int:
-    """Fold active (or the named) adapters into the base weights (PEFT ``merge``); returns the layers merged."""
-    decoder = resolve_decoder(decoder)
-    n = 0
-    for m in decoder.modules():
-        if _is_tuner_layer(m):
-            m.merge(safe_merge=safe_merge, adapter_names=None if adapter_names is None else list(adapter_names))
-            n += 1
-    return n
-
-
-def unmerge_adapters(decoder: nn.Module) -> int:
-    """Undo :func:`merge_adapters` (PEFT ``unmerge``, exact up to float rounding)."""
-    decoder = resolve_decoder(decoder)
-    n = 0
-    for m in decoder.modules():
-        if _is_tuner_layer(m) and m.merged:
-            m.unmerge()
-            n += 1
-    return n
-
-
-def remove_adapters(decoder: nn.Module, merge: bool = False) -> nn.Module:
-    """Replace every PEFT layer by its base layer (released key names again), merging active adapters first when
-    ``merge``; forgets all adapters. Returns the decoder."""
-    decoder = resolve_decoder(decoder)
-    wrapped = [(n, m) for n, m in decoder.named_modules() if _is_tuner_layer(m)]
-    for name, m in wrapped:
-        if merge and not m.merged:
-            m.merge()
-        elif not merge and m.merged:
-            m.unmerge()
-        parent_name, _, child = name.rpartition(".")
-        parent = decoder.get_submodule(parent_name) if parent_name else decoder
-        setattr(parent, child, m.get_base_layer())
-    for attr in ("peft_config", SPECS_ATTR):
-        if hasattr(decoder, attr):
-            delattr(decoder, attr)
-    return decoder
-
-
-__all__ = ["LoraError", "LoraSpec", "TrainableReport", "apply_lora", "adapter_state_dict", "adapter_names",
-           "get_spec", "match_targets", "linear_paths", "merge_adapters", "unmerge_adapters", "remove_adapters",
-           "resolve_decoder", "require_peft", "set_active_adapters", "set_adapter_strength", "trainable_report"]
+__all__ = ["KINDS", "SPECS_ATTR", "LoraError", "LoraSpec", "TrainableReport", "adapter_names", "adapter_params",
+           "adapter_state_dict", "apply_lora", "base_linear", "get_spec", "inject_adapter", "inside_adapter",
+           "is_tuner_layer", "layer_adapter_names", "linear_paths", "match_targets", "require_peft", "resolve_decoder",
+           "set_active_adapters", "trainable_report"]

@@ -41,7 +41,7 @@ def export_module(module, out_dir: str | Path, formats: list[str], steps: int | 
         log.info("exported the fine-tuned checkpoint to %s", folder)
         return {"full": folder}
 
-    from acestep_train.lora.formats import export_lora
+    from acestep_train.lora import export_lora
     from acestep_train.lora.inject import get_spec
 
     spec = get_spec(module.model.decoder)

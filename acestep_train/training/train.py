@@ -132,7 +132,7 @@ def _apply_start_adapters(cfg: DictConfig, module: AceStepModule) -> None:
     init = cfg.mode.get("init_lora")
     if not fuse and not init:
         return
-    from acestep_train.lora.formats import load_adapter_into_trainable, load_adapters_fused_into_base
+    from acestep_train.lora import load_adapter_into_trainable, load_adapters_fused_into_base
 
     if fuse:
         load_adapters_fused_into_base(module.model.decoder, [(f["path"], float(f.get("strength", 1.0))) for f in fuse])

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from acestep_train.inference import generate as gen
 from acestep_train import load_model
 from acestep_train.lora import load_adapters, save_lora_weights
-from acestep_train.lora.formats import LoraDelta
+from acestep_train.lora import LoraDelta
 from acestep_train.inference import GenerationRequest, Sampler
 from acestep_train.checkpoints.variants import CONF_DIR
 

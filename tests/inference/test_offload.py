@@ -9,7 +9,7 @@ import torch
 
 from acestep_train import load_model
 from acestep_train.lora import load_adapters, save_lora_weights
-from acestep_train.lora.formats import LoraDelta
+from acestep_train.lora import LoraDelta
 from acestep_train.inference.offload import COMPONENTS, OffloadError, OffloadManager, iter_blocks
 from acestep_train.inference import GenerationRequest, Sampler
 
@@ -162,23 +162,35 @@ def test_weight_norm_temporaries_do_not_stay_on_the_device(bundle):
     assert conv.weight.device.type == "cpu" and torch.equal(conv.weight, before)  # recomputed on detach
 
 
-def test_unfused_lora_hooks_are_adopted(bundle, tmp_path):
+def test_unfused_lora_adapters_stream_with_their_layers(bundle, tmp_path):
+    """Unfused adapters are PEFT parameters of the DiT layers: the manager streams them with their layer's block
+    (none is an anchor), the limit holds, and the audio is bit-identical to running without the manager."""
     g = torch.Generator().manual_seed(0)
     weights = {f"layers.{i}.self_attn.{p}": LoraDelta(torch.randn(2, 64, generator=g) * 0.3,
                                                        torch.randn(64, 2, generator=g) * 0.3, 2.0)
                for i in range(2) for p in ("q_proj", "o_proj")}
     path = save_lora_weights(weights, tmp_path / "lora.safetensors", "acestep")
     reqs = t2m_requests()[:1]
-    with load_adapters(bundle.model, [(path, 0.7)], fuse=False) as handle:
+    with OffloadManager(bundle, "cpu") as mgr:
+        dit_bytes = mgr.component_sizes()["dit"]
+    with load_adapters(bundle.model, [(path, 0.7)], fuse=False):
+        adapter = [p for n, p in bundle.model.decoder.named_parameters() if ".lora_" in n]
+        assert len(adapter) == 8  # 4 modules x (A, B)
         ref = Sampler(bundle)(reqs, progress=False)
         limit = min_limit(bundle) + 100_000
         mgr = OffloadManager(bundle, "cpu", limit_bytes=limit, force_copy=True)
         with mgr:
-            mgr.adopt_lora_hooks(handle)
-            assert mgr.extra_bytes == 4 * (2 * 64 + 64 * 2) * 4  # 4 modules x (A + B), float32
+            assert mgr.component_sizes()["dit"] - dit_bytes == 4 * (2 * 64 + 64 * 2) * 4  # float32 A + B
+            assert not any(mgr.is_on_compute(p) for p in adapter)  # managed, not anchors
+            layer0 = bundle.model.decoder.layers[0].self_attn.q_proj
+            seen = []
+            mgr.listeners.append(lambda event, name, _: seen.append(mgr.is_on_compute(layer0.lora_A["loaded_0"].weight))
+                                 if event == "acquire" and name == "AceStepDiT.layers.0" else None)
             out = Sampler(bundle)(reqs, progress=False)
+            assert seen and all(seen)  # brought in with the block of layers.0
             assert mgr.report()["peak_resident_bytes"] <= limit
     assert torch.equal(out.audio, ref.audio)
+    assert not any(".lora_" in n for n, _ in bundle.model.named_parameters())  # removed: the bundle is plain again
 
 
 def test_limits_and_devices_are_checked(bundle):

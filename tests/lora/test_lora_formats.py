@@ -1,7 +1,8 @@
 """LoRA files in the four layouts (ours, PEFT folder, DiffSynth, ComfyUI): each changes the DiT exactly as the
 equivalent merged weights ``W' = W + strength · scale · B @ A`` computed here independently (fp32, rel ≤ 1e-5),
-fused and as hooks, alone and two at once; exports round-trip; the PEFT folder loads with ``PeftModel``; the DiffSynth
-file loads with DiffSynth's own ``GeneralLoRALoader`` on DiffSynth's DiT; ComfyUI's alpha rule is emulated."""
+fused and as live PEFT adapters, alone and two at once; exports round-trip; the PEFT folder loads with
+``PeftModel``; the DiffSynth file loads with DiffSynth's own ``GeneralLoRALoader`` on DiffSynth's DiT; ComfyUI's
+alpha rule is emulated."""
 
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def base_out() -> torch.Tensor:
 
 # ---- loading each layout ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
 @pytest.mark.parametrize("fmt", list(WRITERS))
 def test_each_format_matches_merged_weights(fmt, fuse, tmp_path, base_out):
     pairs = random_lora(seed=11)
@@ -176,7 +177,7 @@ def test_each_format_matches_merged_weights(fmt, fuse, tmp_path, base_out):
     assert rel_err(run(dec), base_out) <= (0 if not fuse else 1e-6)
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "hooks"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "live"])
 def test_two_adapters_with_strengths(fuse, tmp_path, base_out):
     p1, p2 = random_lora(seed=1), random_lora(seed=2, rank=4, modules=MODULES[::2])
     f1, s1 = write_comfyui(p1, tmp_path / "one.safetensors")
@@ -195,7 +196,7 @@ def test_two_adapters_with_strengths(fuse, tmp_path, base_out):
     assert rel_err(run(dec), base_out) <= (0 if not fuse else 1e-6)
 
 
-def test_hooks_as_context_manager_and_on_a_peft_decoder(tmp_path, base_out):
+def test_live_adapters_as_context_manager_beside_a_training_adapter(tmp_path, base_out):
     """Unfused adapters stack on a decoder that already carries a (zero-initialised) training adapter."""
     pairs = random_lora(seed=4)
     path, scale = write_diffsynth(pairs, tmp_path / "ds.safetensors")
@@ -242,7 +243,7 @@ def test_export_round_trip_is_exact(fmt, trained, tmp_path):
             assert w.scale == 1.0 and torch.equal(w.A, 2.0 * A)
         else:
             assert w.scale == 2.0 and torch.equal(w.A, A)
-    # the live PEFT adapter and the re-loaded file agree, fused and as hooks
+    # the live PEFT adapter and the re-loaded file agree, fused and as a loaded PEFT adapter
     for fuse in (True, False):
         other = fresh_decoder()
         load_adapters(other, [path], fuse=fuse)

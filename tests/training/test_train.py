@@ -183,7 +183,7 @@ def test_non_finite_loss_stops_with_step_and_sample_ids():
 def test_exports_reload_and_match_the_trained_model(data, tmp_path):
     from peft import PeftModel
 
-    from acestep_train.lora.formats import load_adapters
+    from acestep_train.lora import load_adapters
 
     run_train(tmp_path, tiny_overrides(data, ["trainer.max_steps=3", "mode.lora.rank=4", "mode.lora.alpha=8"]))
     ckpt = trained_state(tmp_path / "checkpoints" / "last.ckpt")
