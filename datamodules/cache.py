@@ -316,6 +316,8 @@ def _write_manifest(
                 shapes = {k: f.get_slice(k).get_shape() for k in TENSOR_KEYS}
                 duration = float(f.metadata()["duration"])
                 notes = json.loads(f.metadata().get("warnings", "[]"))
+            truncated = p.info.truncation_note()
+            notes = ([truncated] if truncated else []) + notes
             warnings += [{"id": p.record.id, "row": p.record.row, "repeat": p.record.repeat, "problem": note}
                          for note in notes]
             entries.append({
