@@ -6,7 +6,14 @@ crop (when the file is longer than ``max_duration``) and the record's text field
   - an interrupted build resumes: present files are skipped, and a file is either complete or absent
     (written to a temporary name, fsynced, then ``os.replace``d);
   - changing a caption, the audio, the encoder or the crop settings re-encodes only what changed;
-  - identical rows (``repeat`` copies of a file that needs no crop) share one file.
+  - identical rows (``repeat`` copies of a file that needs no crop) share one file;
+  - a complete cache is used without writing anything (the manifest and failure markers are only rewritten
+    when their content changes), so a finished cache can be shared from read-only storage.
+
+Only each item's crop window is decoded (planned from the file header, see ``datamodules.audio``). Per-file
+problems are reported once per metadata row, naming the row and the file: unusable audio (empty, shorter than
+one latent frame, undecodable, NaN/Inf) is skipped and listed under the manifest's ``skipped``; usable audio
+with a problem (truncated, over full scale, silent) is kept and listed under ``warnings``.
 
 Sharding: the distinct items are dealt out ``j % world_size == rank``, so ranks never write the same file.
 Rank 0 writes the manifest after a barrier, once every rank's items are on disk.
