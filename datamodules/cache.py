@@ -36,7 +36,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from datamodules.audio import HOP, SAMPLE_RATE, AudioInfo, check_encodable, crop_window, inspect_audio, read_window, resampled_length
+from datamodules.audio import (
+    HOP, SAMPLE_RATE, AudioInfo, check_encodable, crop_window, inspect_audio, read_window, resampled_length,
+)
 from datamodules.errors import AudioError, DataError, Problems, log
 from datamodules.manifest import MANIFEST_FORMAT, PREPROCESS_VERSION, TENSOR_KEYS, write_json_if_changed
 from datamodules.metadata import Record
@@ -206,6 +208,14 @@ def _inspect(path: Path) -> tuple[AudioInfo, str] | str:
         return str(e)
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    planned: _Planned
+    audio: torch.Tensor  # [2, N] 48 kHz, already cropped
+    record: Record  # with the crop's duration
+    notes: list[str]  # warnings about this item's audio, kept in its cache file
+
+
 def _encode_all(
     todo: list[_Planned], encoder: Encoder, cache_dir: Path, max_duration: float | None, seed: int,
     batch_size: int, progress: bool, rank: int, problems: Problems,
@@ -233,14 +243,6 @@ def _encode_all(
     if batch:
         _encode_batch(batch, encoder, cache_dir)
     problems.summarize(len(todo), "items")
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    planned: _Planned
-    audio: torch.Tensor  # [2, N] 48 kHz, already cropped
-    record: Record  # with the crop's duration
-    notes: list[str]  # warnings about this item's audio, kept in its cache file
 
 
 def _load(p: _Planned, max_duration: float | None, seed: int) -> tuple[torch.Tensor, list[str]]:

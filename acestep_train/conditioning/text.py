@@ -134,7 +134,8 @@ def _warn_if_cut(text_encoder: TextEncoder, prompts: list[str], texts: Sequence[
             warnings.warn(f"{head}; the {what} itself {verb} ({_quote(text, 0, 60)}), but {lost} cut", stacklevel=3)
             continue
         cut = max(0, kept - at)
-        warnings.warn(f"{head}; the {what} {'are' if what == 'lyrics' else 'is'} cut after {cut} of its {len(text)} characters: kept "
+        verb = "are" if what == "lyrics" else "is"
+        warnings.warn(f"{head}; the {what} {verb} cut after {cut} of its {len(text)} characters: kept "
                       f"…{_quote(text, max(0, cut - 40), cut)}, lost {_quote(text, cut, cut + 40)}…", stacklevel=3)
 
 
