@@ -79,7 +79,7 @@ def read_window(info: AudioInfo, start: int = 0, length: int | None = None) -> t
     bad = int(np.count_nonzero(~np.isfinite(data)))
     if bad:
         raise AudioError(f"{info.path}: {bad} of {data.size} samples{span} are NaN or Inf")
-    peak = float(np.abs(data).max()) if data.size else 0.0
+    peak = max(float(data.max()), -float(data.min())) if data.size else 0.0  # no |data| copy of a long file
     notes = []
     if peak > 1.0:
         data *= np.float32(1.0 / peak)
