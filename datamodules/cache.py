@@ -6,7 +6,14 @@ crop (when the file is longer than ``max_duration``) and the record's text field
   - an interrupted build resumes: present files are skipped, and a file is either complete or absent
     (written to a temporary name, fsynced, then ``os.replace``d);
   - changing a caption, the audio, the encoder or the crop settings re-encodes only what changed;
-  - identical rows (``repeat`` copies of a file that needs no crop) share one file.
+  - identical rows (``repeat`` copies of a file that needs no crop) share one file;
+  - a complete cache is used without writing anything (the manifest and failure markers are only rewritten
+    when their content changes), so a finished cache can be shared from read-only storage.
+
+Only each item's crop window is decoded (planned from the file header, see ``datamodules.audio``). Per-file
+problems are reported once per metadata row, naming the row and the file: unusable audio (empty, shorter than
+one latent frame, undecodable, NaN/Inf) is skipped and listed under the manifest's ``skipped``; usable audio
+with a problem (truncated, over full scale, silent) is kept and listed under ``warnings``.
 
 Sharding: the distinct items are dealt out ``j % world_size == rank``, so ranks never write the same file.
 Rank 0 writes the manifest after a barrier, once every rank's items are on disk.
@@ -29,9 +36,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from datamodules.audio import HOP, audio_seconds, crop, load_audio
+from datamodules.audio import (
+    HOP, SAMPLE_RATE, AudioInfo, check_encodable, crop_window, inspect_audio, read_window, resampled_length,
+)
 from datamodules.errors import AudioError, DataError, Problems, log
-from datamodules.manifest import MANIFEST_FORMAT, PREPROCESS_VERSION, TENSOR_KEYS, write_json_atomic
+from datamodules.manifest import MANIFEST_FORMAT, PREPROCESS_VERSION, TENSOR_KEYS, write_json_if_changed
 from datamodules.metadata import Record
 
 LATENT_DIM = 64  # the released VAE; an encoder may declare another ``latent_dim`` (the tiny model uses 8)
@@ -63,8 +72,12 @@ class _Planned:
     record: Record
     key: str
     audio_sha: str
-    seconds: float  # whole file, from the header
+    info: AudioInfo  # the file's header facts: the crop is planned from these, only the window is decoded
     cropped: bool
+
+    @property
+    def seconds(self) -> float:  # whole file
+        return self.info.seconds
 
     @property
     def file(self) -> str:
@@ -118,7 +131,8 @@ def build_cache(
     if not isinstance(model_hash, str) or not model_hash:
         raise TypeError(f"encoder.model_hash must be a non-empty string, got {model_hash!r}")
     cache_dir = Path(cache_dir)
-    (cache_dir / "items").mkdir(parents=True, exist_ok=True)
+    if not (cache_dir / "items").is_dir():  # a complete cache may be read-only: create nothing that exists
+        (cache_dir / "items").mkdir(parents=True, exist_ok=True)
     # Planning is identical on every rank; only rank 0 logs its warnings so they appear once.
     plan_problems = Problems("cache plan", on_error, AudioError, verbose=rank == 0)
     planned, plan_skipped = _plan(records, model_hash, max_duration, seed, plan_problems)
@@ -148,23 +162,30 @@ def build_cache(
 def _plan(
     records: Sequence[Record], model_hash: str, max_duration: float | None, seed: int, problems: Problems
 ) -> tuple[list[_Planned], list[tuple[Record, str]]]:
-    """Key every record. Reads each file's bytes (hash) and header (length) but decodes nothing."""
-    hashes: dict[Path, str] = {}
-    lengths: dict[Path, float] = {}
+    """Key every record. Reads each file's bytes (hash) and header (length) but decodes nothing.
+
+    A file's problems are reported once per metadata row (repeat copies share the row and the verdict).
+    """
+    infos: dict[Path, tuple[AudioInfo, str] | str] = {}  # per file: (header, sha256) or the problem
+    reported: set[tuple[str, Path]] = set()
     planned, skipped = [], []
     for record in records:
-        try:
-            if record.audio not in hashes:
-                lengths[record.audio] = audio_seconds(record.audio)
-                hashes[record.audio] = _sha256_file(record.audio)
-        except (AudioError, OSError) as e:
-            problems.report(record.where, str(e), cause=e)
-            skipped.append((record, str(e)))
+        if record.audio not in infos:
+            infos[record.audio] = _inspect(record.audio)
+        first = (record.where, record.audio) not in reported
+        reported.add((record.where, record.audio))
+        found = infos[record.audio]
+        if isinstance(found, str):
+            if first:
+                problems.report(record.where, found)
+            skipped.append((record, found))
             continue
-        seconds = lengths[record.audio]
-        cropped = max_duration is not None and seconds > max_duration
+        info, sha = found
+        if first and info.truncation_note():
+            problems.warn(record.where, info.truncation_note())
+        cropped = max_duration is not None and info.seconds > max_duration
         key_data = {
-            "audio_sha256": hashes[record.audio],
+            "audio_sha256": sha,
             "model_hash": model_hash,
             "preprocess_version": PREPROCESS_VERSION,
             # Only cropped items depend on the crop settings; each repeat copy of a long file gets its own crop.
@@ -172,32 +193,50 @@ def _plan(
             "text": {name: getattr(record, name) for name in _TEXT_FIELDS},
         }
         key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
-        planned.append(_Planned(record, key, hashes[record.audio], seconds, cropped))
+        planned.append(_Planned(record, key, sha, info, cropped))
     problems.summarize(len(records), "items")
     return planned, skipped
+
+
+def _inspect(path: Path) -> tuple[AudioInfo, str] | str:
+    """Header facts and content hash of one file, or why it cannot be used (empty, too short, unreadable)."""
+    try:
+        info = inspect_audio(path)
+        check_encodable(info)
+        return info, _sha256_file(path)
+    except (AudioError, OSError) as e:
+        return str(e)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    planned: _Planned
+    audio: torch.Tensor  # [2, N] 48 kHz, already cropped
+    record: Record  # with the crop's duration
+    notes: list[str]  # warnings about this item's audio, kept in its cache file
 
 
 def _encode_all(
     todo: list[_Planned], encoder: Encoder, cache_dir: Path, max_duration: float | None, seed: int,
     batch_size: int, progress: bool, rank: int, problems: Problems,
 ) -> None:
-    batch: list[tuple[_Planned, torch.Tensor, Record]] = []
+    batch: list[_Loaded] = []
     bar = tqdm(todo, desc=f"caching (rank {rank})", disable=not progress, unit="item")
     for p in bar:
         failed = cache_dir / f"items/{p.key}.failed.json"
         try:
-            audio = load_audio(p.record.audio)
+            audio, notes = _load(p, max_duration, seed)
         except AudioError as e:
             # The marker tells rank 0 (writing the manifest) that this item was skipped, not lost.
-            write_json_atomic(failed, {"problem": str(e)})
+            write_json_if_changed(failed, {"problem": str(e)})
             problems.report(p.record.where, str(e), cause=e)
             continue
-        failed.unlink(missing_ok=True)
-        # The crop depends on (seed, audio, copy) only, so every rank and every rerun cuts the same window.
-        rng = np.random.default_rng([seed, int(p.audio_sha[:15], 16), p.record.repeat])
-        audio, seconds = crop(audio, max_duration if p.cropped else None, rng)
+        if failed.exists():
+            failed.unlink(missing_ok=True)
+        for note in notes:
+            problems.warn(p.record.where, note)
         # The encoder writes the duration into the metas string: it must be the crop's, not the song's.
-        batch.append((p, audio, replace(p.record, duration=seconds)))
+        batch.append(_Loaded(p, audio, replace(p.record, duration=audio.shape[-1] / SAMPLE_RATE), notes))
         if len(batch) == batch_size:
             _encode_batch(batch, encoder, cache_dir)
             batch = []
@@ -206,23 +245,35 @@ def _encode_all(
     problems.summarize(len(todo), "items")
 
 
-def _encode_batch(batch: list[tuple[_Planned, torch.Tensor, Record]], encoder: Encoder, cache_dir: Path) -> None:
-    longest = max(a.shape[-1] for _, a, _ in batch)
+def _load(p: _Planned, max_duration: float | None, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Decode the item's window: a random crop for long files (only that window is read), else the whole file."""
+    if not p.cropped:
+        return read_window(p.info)
+    # The crop depends on (seed, audio, copy) only, so every rank and every rerun cuts the same window.
+    rng = np.random.default_rng([seed, int(p.audio_sha[:15], 16), p.record.repeat])
+    start, length = crop_window(resampled_length(p.info.frames, p.info.samplerate), max_duration, rng)
+    return read_window(p.info, start, length)
+
+
+def _encode_batch(batch: list[_Loaded], encoder: Encoder, cache_dir: Path) -> None:
+    longest = max(item.audio.shape[-1] for item in batch)
     audio = torch.zeros(len(batch), 2, longest)
-    for i, (_, a, _) in enumerate(batch):
-        audio[i, :, : a.shape[-1]] = a
-    records = [r for _, _, r in batch]
+    for i, item in enumerate(batch):
+        audio[i, :, : item.audio.shape[-1]] = item.audio
+    records = [item.record for item in batch]
     with torch.no_grad():
         outputs = encoder.encode(audio, records)
     if not isinstance(outputs, (list, tuple)) or len(outputs) != len(batch):
         raise TypeError(f"encoder.encode returned {type(outputs).__name__} of length "
                         f"{len(outputs) if hasattr(outputs, '__len__') else '?'} for {len(batch)} items")
-    for (p, a, record), out in zip(batch, outputs):
-        tensors = _check_output(out, a.shape[-1], record, getattr(encoder, "latent_dim", LATENT_DIM))
-        _save_atomic(cache_dir / p.file, tensors, {
-            "id": record.id, "row": str(record.row), "duration": repr(record.duration),
-            "preprocess_version": PREPROCESS_VERSION,
-        })
+    for item, out in zip(batch, outputs):
+        record = item.record
+        tensors = _check_output(out, item.audio.shape[-1], record, getattr(encoder, "latent_dim", LATENT_DIM))
+        metadata = {"id": record.id, "row": str(record.row), "duration": repr(record.duration),
+                    "preprocess_version": PREPROCESS_VERSION}
+        if item.notes:
+            metadata["warnings"] = json.dumps(item.notes)
+        _save_atomic(cache_dir / item.planned.file, tensors, metadata)
 
 
 def _check_output(out: dict, n_samples: int, record: Record, latent_dim: int = LATENT_DIM) -> dict[str, torch.Tensor]:
@@ -266,12 +317,18 @@ def _write_manifest(
 ) -> None:
     cache_dir = path.parent
     entries, skipped = [], [{"id": r.id, "row": r.row, "repeat": r.repeat, "problem": why} for r, why in plan_skipped]
+    warnings = []
     for p in planned:
         file = cache_dir / p.file
         if file.exists():
             with safe_open(str(file), framework="pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in TENSOR_KEYS}
                 duration = float(f.metadata()["duration"])
+                notes = json.loads(f.metadata().get("warnings", "[]"))
+            truncated = p.info.truncation_note()
+            notes = ([truncated] if truncated else []) + notes
+            warnings += [{"id": p.record.id, "row": p.record.row, "repeat": p.record.repeat, "problem": note}
+                         for note in notes]
             entries.append({
                 "id": p.record.id, "row": p.record.row, "repeat": p.record.repeat, "file": p.file,
                 "n_frames": shapes["latents"][0], "text_len": shapes["text_hidden"][0],
@@ -285,9 +342,10 @@ def _write_manifest(
                         "problem": json.loads(failed.read_text())["problem"]})
     if not entries:
         raise DataError(f"cache {cache_dir}: no item could be encoded ({len(skipped)} skipped)")
-    write_json_atomic(path, {
+    # Unchanged (a complete cache): no write at all, so a finished cache can be shared read-only.
+    write_json_if_changed(path, {
         "format": MANIFEST_FORMAT, "preprocess_version": PREPROCESS_VERSION, "model_hash": model_hash,
-        "max_duration": max_duration, "seed": seed, "entries": entries, "skipped": skipped,
+        "max_duration": max_duration, "seed": seed, "entries": entries, "skipped": skipped, "warnings": warnings,
     })
 
 

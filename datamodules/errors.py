@@ -37,9 +37,13 @@ def check_on_error(on_error: str) -> str:
 class Problems:
     """Collects per-row problems under a skip/raise policy and ends with a one-line summary.
 
+    Each problem is logged exactly once, where it is found, naming the row and the file; the summary only
+    counts them (so a long warning scroll still ends with the totals, without repeating every message).
+
     Args:
         source: what is being processed, for the summary line (e.g. ``"metadata.csv"``).
         on_error: ``"raise"`` raises ``error_cls`` on the first problem; ``"skip"`` logs each problem as a warning.
+            Warnings (``warn``: the item is kept) never raise.
         error_cls: the exception type raised under ``"raise"``.
         verbose: log warnings (False on ranks that would only repeat rank 0's messages).
     """
@@ -49,6 +53,7 @@ class Problems:
     error_cls: type[DataError] = DataError
     verbose: bool = True
     skipped: list[str] = field(default_factory=list)
+    warned: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_on_error(self.on_error)
@@ -62,10 +67,16 @@ class Problems:
             log.warning("skipping %s", message)
         self.skipped.append(message)
 
+    def warn(self, where: str, problem: str) -> None:
+        """Record that the item at ``where`` is used despite ``problem`` (which should say what was done)."""
+        message = f"{where}: {problem}"
+        if self.verbose:
+            log.warning("%s", message)
+        self.warned.append(message)
+
     def summarize(self, total: int, what: str = "rows") -> None:
-        """Log "skipped k of n rows: ..." once, so a long warning scroll still ends with the count."""
-        if not self.skipped or not self.verbose:
+        """Log "skipped k of n rows" once, so a long warning scroll still ends with the count."""
+        if not (self.skipped or self.warned) or not self.verbose:
             return
-        log.warning(
-            "%s: skipped %d of %d %s: %s", self.source, len(self.skipped), total, what, " | ".join(self.skipped)
-        )
+        log.warning("%s: skipped %d of %d %s, kept %d with warnings (each reported above)",
+                    self.source, len(self.skipped), total, what, len(self.warned))

@@ -17,7 +17,8 @@ from typing import Any
 
 from datamodules.errors import DataError
 
-PREPROCESS_VERSION = "1"  # bump when loading/cropping/keying changes what a cached item contains
+PREPROCESS_VERSION = "2"  # bump when loading/cropping/keying changes what a cached item contains
+# 2: over-full-scale float audio is normalised instead of clipped; crops are planned on the exact 48 kHz length
 MANIFEST_FORMAT = "acestep-train cache manifest"
 TENSOR_KEYS = ("latents", "text_hidden", "lyric_embeds")  # what every cached item file holds
 
@@ -27,12 +28,31 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            f.write(_dumps(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_if_changed(path: Path, data: Any) -> bool:
+    """``write_json_atomic`` unless the file already holds exactly this; returns whether it wrote.
+
+    Skipping the identical write is what lets a complete cache be used from read-only storage.
+    """
+    text = _dumps(data)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_json_atomic(path, data)
+    return True
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=1, sort_keys=True)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

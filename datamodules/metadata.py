@@ -88,6 +88,8 @@ def load_metadata(
         repeat: each row is returned ``repeat`` times (rows 1..n, then 1..n again, ...), with ``Record.repeat``
             telling the copies apart so the cache can give long files a different crop per copy.
         on_error: ``"skip"`` warns for every bad row and ends with a summary; ``"raise"`` stops at the first.
+            Optional metas that do not parse (bpm, keyscale, timesignature, vocal_language, duration) do not
+            make a row bad under either policy: the row is kept with those values unknown and a warning.
 
     Returns:
         The valid records in file order, repeated. Raises ``MetadataError`` if none is valid.
@@ -185,15 +187,22 @@ def _to_record(
         "vocal_language": parse_language,
         "duration": parse_duration,
     }
+    unknown: dict[str, str] = {}  # optional metas that do not parse: the row trains with them unknown
     for name, parse in parsers.items():
         try:
             values[name] = parse(get(name))
         except ValueError as e:
-            errors.append(str(e))
+            values[name] = parse(None)
+            unknown[name] = str(e)
 
     if errors:
-        problems.report(where, "; ".join(errors))
+        problems.report(where, "; ".join(errors + list(unknown.values())))
         return None
+    if unknown:
+        # The audio and caption are fine: dropping the row would lose a good example over a label the model can
+        # learn without (unknown metas are what it sees as "N/A" anyway).
+        problems.warn(f"{where} ({values['audio'].name})",
+                      f"{'; '.join(unknown.values())}; training with {', '.join(unknown)} unknown")
     given_id = get("id")
     record_id = str(given_id) if not is_missing(given_id) else f"{path.name}:{row}"
     return Record(id=record_id, row=row, source=path, **values)

@@ -7,6 +7,7 @@ from safetensors, and the one ``.pt`` file is read with ``torch.load(weights_onl
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from collections.abc import Iterator
@@ -42,9 +43,19 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+# The safetensors library refuses headers over 100 MB; a longer "header" is a corrupt or hostile file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where tensor data starts; checks that the file
-    is long enough for every tensor the header lists (a truncated download fails here, naming the file)."""
+    """The JSON header of a safetensors file and the offset where tensor data starts.
+
+    Every entry is checked against the file before anything is allocated: a known dtype, a shape of
+    non-negative integers, data offsets inside the file, and exactly ``prod(shape) * itemsize`` bytes between
+    them (Python integers, so a huge shape cannot overflow into a small product). A truncated download or a
+    crafted header therefore fails here, naming the file and the key, instead of making the reader allocate
+    whatever size the header claims.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -52,18 +63,45 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
         if len(raw) < 8:
             raise CheckpointError(f"{path}: not a safetensors file ({size} bytes; truncated?)")
         n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
+        if n <= 0 or 8 + n > size or n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (header length {n}, "
                                   f"file size {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a {type(header).__name__}, not a JSON object")
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, the file has {size}")
+    data_bytes = size - 8 - n
+    for key, info in header.items():
+        _check_entry(path, key, info)
+    last = max(header, key=lambda k: header[k]["data_offsets"][1], default=None)
+    end = header[last]["data_offsets"][1] if last is not None else 0
+    if end > data_bytes:
+        raise CheckpointError(f"{path}: truncated: tensors need {8 + n + end} bytes, the file has {size} "
+                              f"(tensor {last!r} ends beyond it)")
     return header, 8 + n
+
+
+def _check_entry(path: Path, key: str, info: object) -> None:
+    """One header entry: its dtype, shape and byte span must agree (the caller checks the span fits the file)."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: tensor {key!r}: header entry is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _ST_DTYPES:
+        raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {key!r}: shape {shape!r:.80} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: tensor {key!r}: data_offsets {offsets!r:.80} are not [start, end] with "
+                              "0 <= start <= end")
+    lo, hi = offsets
+    need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+    if hi - lo != need:
+        raise CheckpointError(f"{path}: tensor {key!r}: {hi - lo} bytes for shape {shape} {dtype} "
+                              f"(which needs {need})")
 
 
 def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -80,13 +118,10 @@ def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Ite
                 if key in seen:
                     raise CheckpointError(f"{path}: key {key!r} also appears in {seen[key]}")
                 seen[key] = path
-                if info.get("dtype") not in _ST_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+                # read_safetensors_header has checked dtype, shape and span, so this allocation is bounded
+                # by the file's size.
                 t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
-                lo, hi = (int(x) for x in info["data_offsets"])
-                if hi - lo != t.numel() * t.element_size():
-                    raise CheckpointError(f"{path}: tensor {key!r}: {hi - lo} bytes for shape {info['shape']} "
-                                          f"{info['dtype']}")
+                lo, hi = info["data_offsets"]
                 f.seek(start + lo)
                 buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
                 if buf is not None and f.readinto(buf) != hi - lo:

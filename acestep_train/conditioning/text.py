@@ -6,6 +6,8 @@ lyric prompt = ``LYRIC_GEN_PROMPT`` (language, lyrics) → ``embed_tokens`` only
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -86,15 +88,56 @@ def encode_text_conditions(
     vocal_language: Sequence[str],
     task: str | Sequence[str] = "text2music",
     tracks: Sequence | None = None,
+    labels: Sequence[str] | None = None,
 ) -> TextConditions:
     """Build both prompts for every item and encode them. All per-item arguments are lists of length B
-    (entries may be None for N/A metas); ``duration`` is seconds (None → 30)."""
+    (entries may be None for N/A metas); ``duration`` is seconds (None → 30).
+
+    ``labels`` name the items in warnings (e.g. ``"metadata.csv row 4 (song.wav)"``; default ``"item i"``).
+    A caption or lyrics too long for the text encoder is reported with its label, quoting the user's own text
+    where it is cut (the text encoder's generic warning, which can only quote the prompt template, is replaced).
+    """
     b = len(_per_item("captions", captions, len(captions)))
     _per_item("lyrics", lyrics, b)
+    names = [f"item {i}" for i in range(b)] if labels is None else [str(x) for x in _per_item("labels", labels, b)]
     caption_texts = build_caption_prompts(
         captions, bpm=bpm, keyscale=keyscale, timesignature=timesignature, duration=duration, task=task, tracks=tracks
     )
     lyric_texts = build_lyric_prompts(lyrics, vocal_language)
-    text_hidden, text_mask = text_encoder.encode_captions(caption_texts)
-    lyric_embeds, lyric_mask = text_encoder.embed_lyrics(lyric_texts)
+    _warn_if_cut(text_encoder, caption_texts, captions, text_encoder.max_caption_tokens, "caption", names)
+    _warn_if_cut(text_encoder, lyric_texts, lyrics, text_encoder.max_lyric_tokens, "lyrics", names)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_ENCODER_TRUNCATION_WARNING, category=UserWarning)
+        text_hidden, text_mask = text_encoder.encode_captions(caption_texts)
+        lyric_embeds, lyric_mask = text_encoder.embed_lyrics(lyric_texts)
     return TextConditions(text_hidden, text_mask, lyric_embeds, lyric_mask)
+
+
+# What TextEncoder warns on truncation; _warn_if_cut has already said it, better.
+_ENCODER_TRUNCATION_WARNING = r"(caption|lyrics) \d+ has \d+ tokens; truncated"
+
+
+def _warn_if_cut(text_encoder: TextEncoder, prompts: list[str], texts: Sequence[str], limit: int, what: str,
+                 labels: list[str]) -> None:
+    """Warn, per item, when the encoder's token limit cuts a prompt: where in the user's text, not the template."""
+    ids = text_encoder.tokenizer(list(prompts), truncation=False, padding=False)["input_ids"]
+    for prompt, text, item_ids, label in zip(prompts, texts, ids, labels):
+        if len(item_ids) <= limit:
+            continue
+        kept = len(text_encoder.tokenizer.decode(item_ids[:limit]))  # characters of the prompt that survive
+        at = prompt.find(text)
+        head = f"{label}: {what} too long: its prompt has {len(item_ids)} tokens, the text encoder keeps {limit}"
+        if at < 0 or kept >= at + len(text):
+            # Only template text after the user's text is lost (for captions: the metas block).
+            lost = "the metas after it are" if what == "caption" else "the end of the prompt is"
+            verb = "fit" if what == "lyrics" else "fits"
+            warnings.warn(f"{head}; the {what} itself {verb} ({_quote(text, 0, 60)}), but {lost} cut", stacklevel=3)
+            continue
+        cut = max(0, kept - at)
+        verb = "are" if what == "lyrics" else "is"
+        warnings.warn(f"{head}; the {what} {verb} cut after {cut} of its {len(text)} characters: kept "
+                      f"…{_quote(text, max(0, cut - 40), cut)}, lost {_quote(text, cut, cut + 40)}…", stacklevel=3)
+
+
+def _quote(text: str, start: int, end: int) -> str:
+    return repr(re.sub(r"\s+", " ", text[start:end]))

@@ -104,7 +104,8 @@ class BundleEncoder:
             te, [r.prompt for r in records], [r.lyrics for r in records],
             bpm=[r.bpm for r in records], keyscale=[r.keyscale for r in records],
             timesignature=[r.timesignature for r in records], duration=[r.duration for r in records],
-            vocal_language=[r.vocal_language for r in records])
+            vocal_language=[r.vocal_language for r in records],
+            labels=[f"{r.where} ({r.audio})" for r in records])
         for i, item in enumerate(out):
             item["text_hidden"] = conds.text_hidden[i][conds.text_mask[i]].float().cpu()
             item["lyric_embeds"] = conds.lyric_embeds[i][conds.lyric_mask[i]].float().cpu()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,16 +105,9 @@ def test_csv_rows_are_numbered_as_the_user_sees_them(audio_dir: Path) -> None:
         (["", "p", "", "", "", "", ""], "no audio path in column 'audio'"),
         (["nope.wav", "p", "", "", "", "", ""], "audio file not found: "),
         (["a.wav", "", "", "", "", "", ""], "no prompt in column 'prompt'"),
-        (["a.wav", "p", "", "fast", "", "", ""], "bpm 'fast' is not a number"),
-        (["a.wav", "p", "", "400", "", "", ""], "bpm '400' is outside 30-300"),
-        (["a.wav", "p", "", "nan", "", "", ""], "bpm 'nan' is not a finite number"),
-        (["a.wav", "p", "", "", "H major", "", ""], "keyscale 'H major' does not parse"),
-        (["a.wav", "p", "", "", "C", "", ""], "keyscale 'C' has no mode"),
-        (["a.wav", "p", "", "", "", "5", ""], "timesignature '5' is not supported"),
-        (["a.wav", "p", "", "", "", "7/5", ""], "timesignature '7/5' is not supported"),
-        (["a.wav", "p", "", "", "", "four", ""], "timesignature 'four' does not parse"),
-        (["a.wav", "p", "", "", "", "", "klingon"], "vocal_language 'klingon' is not one of"),
         (["a.wav", "p", "", "", "", "", "", "extra"], "8 values but the header has 7 columns"),
+        # A row dropped for a required field also lists its bad metas, so one message says everything.
+        (["nope.wav", "p", "", "fast", "", "", ""], "audio file not found: .*; bpm 'fast' is not a number"),
     ],
 )
 def test_bad_row_messages_name_file_row_and_problem(audio_dir: Path, row: list, problem: str) -> None:
@@ -121,7 +115,43 @@ def test_bad_row_messages_name_file_row_and_problem(audio_dir: Path, row: list, 
     with pytest.raises(MetadataError) as info:
         load_metadata(meta, on_error="raise")
     message = str(info.value)
-    assert message.startswith(f"{meta} row 3: ") and problem in message, message
+    assert message.startswith(f"{meta} row 3: ") and re.search(problem, message), message
+
+
+@pytest.mark.parametrize(
+    "cells, problem, unknown",
+    [
+        (["fast", "", "", ""], "bpm 'fast' is not a number", "bpm"),
+        (["400", "", "", ""], "bpm '400' is outside 30-300", "bpm"),
+        (["nan", "", "", ""], "bpm 'nan' is not a finite number", "bpm"),
+        (["", "H major", "", ""], "keyscale 'H major' does not parse", "keyscale"),
+        (["", "Z major", "", ""], "keyscale 'Z major' does not parse", "keyscale"),
+        (["", "C", "", ""], "keyscale 'C' has no mode", "keyscale"),
+        (["", "", "5", ""], "timesignature '5' is not supported", "timesignature"),
+        (["", "", "7/5", ""], "timesignature '7/5' is not supported", "timesignature"),
+        (["", "", "four", ""], "timesignature 'four' does not parse", "timesignature"),
+        (["", "", "", "klingon"], "vocal_language 'klingon' is not one of", "vocal_language"),
+        (["fast", "Z major", "", ""], "bpm 'fast' is not a number; keyscale 'Z major'", "bpm, keyscale"),
+    ],
+)
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_bad_optional_metas_train_as_unknown_with_a_warning(
+    audio_dir: Path, caplog: pytest.LogCaptureFixture, cells: list, problem: str, unknown: str, on_error: str,
+) -> None:
+    """The audio and caption are fine, so the row is kept (under either policy) with those metas unknown."""
+    meta = _csv(audio_dir / "meta.csv", HEADER,
+                [["b.wav", "fine", "", "", "", "", ""], ["a.wav", "p", "la la", *cells]])
+    with caplog.at_level(logging.WARNING, logger="datamodules"):
+        records = load_metadata(meta, on_error=on_error)
+    assert [r.row for r in records] == [2, 3]
+    rec = records[1]
+    assert (rec.prompt, rec.lyrics) == ("p", "la la")
+    for name in unknown.split(", "):
+        assert getattr(rec, name) == ("unknown" if name == "vocal_language" else None)
+    mentions = [r.getMessage() for r in caplog.records if "a.wav" in r.getMessage()]
+    assert len(mentions) == 1, mentions  # reported once, where it was found
+    assert mentions[0].startswith(f"{meta} row 3 (a.wav): {problem}")
+    assert mentions[0].endswith(f"training with {unknown} unknown")
 
 
 def test_skip_warns_per_row_and_summarises(audio_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -133,13 +163,16 @@ def test_skip_warns_per_row_and_summarises(audio_dir: Path, caplog: pytest.LogCa
     meta = _csv(audio_dir / "meta.csv", HEADER, rows)
     with caplog.at_level(logging.WARNING, logger="datamodules"):
         records = load_metadata(meta)  # on_error="skip" is the default
-    assert [r.row for r in records] == [2, 6]
+    assert [r.row for r in records] == [2, 5, 6]
     warnings = [r.getMessage() for r in caplog.records]
     assert any(f"{meta} row 3: audio file not found" in w for w in warnings)
     assert any(f"{meta} row 4: no prompt" in w for w in warnings)
-    # Both problems of row 5 are reported together.
-    assert any(f"{meta} row 5: bpm '1000' is outside 30-300; keyscale 'Q major'" in w for w in warnings)
-    assert any(w.startswith(f"{meta}: skipped 3 of 5 rows: ") for w in warnings)
+    # Both problems of row 5 are reported together; the row trains with them unknown.
+    assert any(f"{meta} row 5 (c.wav): bpm '1000' is outside 30-300; keyscale 'Q major'" in w for w in warnings)
+    assert (records[1].bpm, records[1].keyscale) == (None, None)
+    # The summary counts; it does not repeat the messages (each problem is reported exactly once).
+    assert f"{meta}: skipped 2 of 5 rows, kept 1 with warnings (each reported above)" in warnings
+    assert sum("missing.wav" in w for w in warnings) == 1
 
 
 def test_no_usable_rows_raises_even_when_skipping(audio_dir: Path) -> None:
