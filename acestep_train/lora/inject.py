@@ -14,7 +14,7 @@ the decoder: ``layers.0.self_attn.q_proj.lora_A.weight``), the names every expor
 :func:`remove_adapters` restores the released key names (optionally merging first).
 
 Targets follow PEFT's rules: a string is a regular expression that must match a whole module path (``re.fullmatch``;
-the presets are ``model.lora_targets`` in ``conf/model/_2b.yaml``), a list holds module paths or path suffixes. The
+the presets are ``model.lora_targets`` in ``conf/_model_lora_targets.yaml``), a list holds module paths or path suffixes. The
 matching is done here first, so that a target set that hits nothing (or hits a non-``Linear`` module) fails with the
 pattern and real module names, and PEFT then receives the explicit list of paths.
 """
