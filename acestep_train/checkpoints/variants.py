@@ -16,8 +16,9 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def variant_names() -> list[str]:
-    """Every selectable ``model=`` option (files starting with ``_`` are shared fragments)."""
-    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("_"))
+    """Every selectable ``model=`` option: each file of ``conf/model/`` (the fragments the variants share live at the
+    root of ``conf/``, as ``_model_*.yaml``, so that Hydra offers them as no option)."""
+    return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
 def model_config(name: str, overrides: list[str] | None = None, **values: Any) -> DictConfig:

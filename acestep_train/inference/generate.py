@@ -41,6 +41,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from acestep_train.inference.generate_schema import register_schema, request_field_names
+
+register_schema()  # before anything composes conf/generate.yaml (the CLI below, tests, Python callers)
+
 log = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
@@ -54,9 +58,7 @@ class GenerateError(ValueError):
 
 
 def request_fields() -> tuple[str, ...]:
-    from acestep_train.inference import GenerationRequest
-
-    return tuple(f.name for f in fields(GenerationRequest))
+    return request_field_names()
 
 
 # ---- config -> requests --------------------------------------------------------------------------------------------

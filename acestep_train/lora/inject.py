@@ -16,7 +16,7 @@ runtime: adapters loaded from files for inference (:mod:`.apply`) are PEFT layer
 trainable one (:func:`inject_adapter`).
 
 Targets follow PEFT's rules: a string is a regular expression that must match a whole module path (``re.fullmatch``;
-the presets are ``model.lora_targets`` in ``conf/model/_2b.yaml``), a list holds module paths or path suffixes. The
+the presets are ``model.lora_targets`` in ``conf/_model_lora_targets.yaml``), a list holds module paths or path suffixes. The
 matching is done here first, so that a target set that hits nothing (or hits a non-``Linear`` module) fails with the
 pattern and real module names, and PEFT then receives the explicit list of paths.
 """

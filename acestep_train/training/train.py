@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from acestep_train.training import checks
+from acestep_train.training import checks, optimizers
 from acestep_train.training.atomic_checkpoint import AtomicCheckpointIO
 from acestep_train.checkpoints.loading import load_bundle
 from acestep_train.training.module import AceStepModule
@@ -68,6 +68,7 @@ def run_startup_checks(cfg: DictConfig) -> None:
     checks.check_fsdp_dtype(_strategy_name(cfg.trainer.strategy), cfg.model.get("dtype"), cfg.trainer.precision,
                             bool(cfg.mode.get("frozen_fp8", False)))
     checks.check_slurm_tasks(cfg.trainer.devices, int(cfg.trainer.num_nodes))
+    optimizers.check_available(cfg.mode.get("optimizer"))
     if cfg.data.get("global_batch_size"):
         checks.check_batch_divisible(int(cfg.data.global_batch_size), world_size(cfg))
     if cfg.mode.name != "full":

@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,39 @@ def python_audio(requests, adapters=(), fuse=False) -> torch.Tensor:
     return Sampler(bundle)(requests, progress=False).audio
 
 
-def test_every_request_field_is_a_top_level_key():
-    cfg = OmegaConf.load(CONF_DIR / "generate.yaml")
-    missing = [f.name for f in fields(GenerationRequest) if f.name not in cfg]
-    assert not missing, f"conf/generate.yaml lacks GenerationRequest fields {missing}"
+def test_schema_follows_generation_request():
+    """The generate config's keys are GenerationRequest's fields (each null: the request's default) plus generate's own
+    options, exactly those with these defaults: no copied list to keep in sync."""
+    cfg = compose_generate(["out=x.wav"])
+    request = [f.name for f in fields(GenerationRequest)]
+    own = {"prompts": None, "out": "x.wav", "spectrogram": True, "sidecar": True, "adapters": [],
+           "fuse_adapters": False, "device": "auto", "vram_limit": None, "pin_memory": None, "tiled_decode": None,
+           "vae_decode_chunk_frames": None, "vae_decode_overlap_frames": None, "progress": False,
+           "log_level": "WARNING"}  # progress=false: compose_generate's override
+    values = OmegaConf.to_container(cfg, resolve=False)
+    assert list(values)[: len(request)] == request and all(values[k] is None for k in request)
+    assert {k: v for k, v in values.items() if k not in request and k not in ("model", "paths")} == own
+    assert values["model"]["name"] == "tiny" and set(values["paths"]) >= {"model_cache"}
+
+    # A field added to GenerationRequest becomes a key with no edit anywhere (negative control: absent before).
+    @dataclass
+    class Extended(GenerationRequest):
+        brand_new_knob: int = 3
+
+    assert "brand_new_knob" not in cfg
+    with mock.patch("acestep_train.inference.GenerationRequest", Extended):
+        gen.register_schema()
+    try:
+        assert compose_generate(["out=x.wav", "brand_new_knob=5"]).brand_new_knob == 5
+    finally:
+        gen.register_schema()  # back to the real request class
+    with pytest.raises(Exception, match="brand_new_knob"):
+        compose_generate(["out=x.wav", "brand_new_knob=5"])
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(Exception, match="promt"):
+        compose_generate(["out=x.wav", "promt=typo"])
 
 
 def test_cli_writes_flac_png_and_sidecar_for_several_seeds(tmp_path):

@@ -17,7 +17,8 @@ from acestep_train.models.dit import AceStepDiT
 from numerics import rel_err
 
 REPO = Path(__file__).resolve().parents[2]
-PRESETS = OmegaConf.to_container(OmegaConf.load(REPO / "acestep_train" / "conf" / "model" / "_2b.yaml").lora_targets)
+PRESETS = OmegaConf.to_container(
+    OmegaConf.load(REPO / "acestep_train" / "conf" / "_model_lora_targets.yaml").lora_targets)
 ATTN = PRESETS["attention"]
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, sliding_window=4, text_hidden_dim=32, num_lyric_encoder_hidden_layers=1,
