@@ -91,7 +91,7 @@ class Official(Semantics):
         if kind == "none":
             if scale is not None and scale != 1.0:
                 warnings.warn(f"cfg_scale={scale} is ignored: this model samples without guidance (official "
-                              f"turbo); pass guidance='cfg' or 'apg' to force it", stacklevel=6)
+                              f"turbo); pass guidance='cfg' or 'apg' to force it", stacklevel=5)
             return kind, 1.0
         return kind, defaults.guidance_scale if scale is None else scale
 
