@@ -36,7 +36,8 @@ from acestep_train.inference.source_audio import HOP, SAMPLE_RATE, AudioInput, d
 from acestep_train.inference.codes import parse_audio_codes
 from acestep_train.inference.guidance import GUIDANCE_KINDS, Guidance
 from acestep_train.inference.schedules import Schedule, resolve_schedule
-from acestep_train.inference.tasks import DEFAULT_DURATION_S, MAX_DURATION_S, TASK_BUILDERS, check_duration
+from acestep_train.inference.tasks import (DEFAULT_DURATION_S, MAX_DURATION_S, TASK_BUILDERS,  # noqa: F401 (public)
+                                          check_duration)
 
 TASK_TYPES = tuple(TASKS)
 SEMANTICS = tuple(_SEMANTICS)

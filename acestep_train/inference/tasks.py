@@ -143,4 +143,6 @@ def _repaint(req: GenerationRequest, semantics: Semantics, inputs: _Inputs, sche
     return task, frames
 
 
-TASK_BUILDERS = {"text2music": _text2music, "cover": _cover, "repaint": _repaint}
+# A new task: its class in conditioning/tasks and its builder here.
+TASK_BUILDERS: dict[str, Callable[..., tuple[Task, int]]] = {
+    "text2music": _text2music, "cover": _cover, "repaint": _repaint}
