@@ -13,18 +13,21 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from acestep_train.conditioning.text import encode_text_conditions
+from acestep_train.conditioning.tasks import silence_frames
 from acestep_train.inference.request import GenerationRequest, plan_request
-from acestep_train.inference.tasks import encode_references, model_device_dtype, silence_frames
+from acestep_train.inference.tasks import dit_device_dtype, encode_references, module_device_dtype
 
 
 def encode_conditions(bundle, items: Sequence[Mapping], refer: Sequence[torch.Tensor | None]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``items``: per row ``caption, lyrics, bpm, keyscale, timesignature, duration, vocal_language, task``;
     ``refer``: per row reference latents ``[n, frames, 64]`` or None. Returns ``(encoder_hidden_states [B, L, D],
-    encoder_mask [B, L] bool)`` in the model's dtype and device."""
+    encoder_mask [B, L] bool)`` in the condition encoder's dtype and device."""
     if len(items) != len(refer):
         raise ValueError(f"{len(items)} condition rows but {len(refer)} reference entries")
-    device, dtype = model_device_dtype(bundle)
+    # The DiT's device (low-VRAM offload keeps it as the anchor), the condition encoder's dtype.
+    device, _ = dit_device_dtype(bundle)
+    _, dtype = module_device_dtype(bundle.model.encoder)
     col = {k: [it[k] for it in items] for k in ("caption", "lyrics", "bpm", "keyscale", "timesignature", "duration",
                                                "vocal_language", "task")}
     text = encode_text_conditions(bundle.text_encoder, col["caption"], col["lyrics"], bpm=col["bpm"],
@@ -61,10 +64,7 @@ def build_conditions(bundle, requests: GenerationRequest | Sequence[GenerationRe
         raise ValueError("build_conditions: no requests")
     plans = [plan_request(bundle, r, i) for i, r in enumerate(reqs)]
     if refer_latents is None:
-        refer = []
-        for p in plans:
-            gen = torch.Generator(p.rand_device).manual_seed(p.seed + 1) if p.vae_sample else None
-            refer.append(encode_references(bundle, p, gen))
+        refer = [encode_references(bundle, p) for p in plans]
     else:
         refer = list(refer_latents)
     return encode_conditions(bundle, [p.condition_fields() for p in plans], refer)

@@ -1,157 +1,148 @@
-"""Per-task context of one item (``pipeline.md`` §6): the DiT's context latents ``[src | chunk mask]``, where
-sampling starts from, and what the repaint / cover-switch logic needs. This is where the heavy encoders run (VAE
-encode of source, input and reference audio; audio tokenizer / detokenizer for cover hints).
+"""The inference side of the task classes (:mod:`acestep_train.conditioning.tasks`): one builder per task that turns
+a checked request into its task object and output length, the encoders one item asks for, and where each model
+component runs.
 
-* text2music: source ``silence_latent[:T]``, chunk mask 1.
-* cover: source ``detok(tok(VAE(src)))`` or the decoded ``<|audio_code_N|>`` codes, chunk mask 1; after
-  ``int(N·audio_cover_strength)`` steps the sampler switches the item to its text2music condition and a silence
-  source.
-* repaint, official: source ``VAE(src)`` with the region replaced by silence latents, chunk mask 1 in the region
-  and 0 outside; the sampler injects the noised source outside the region for the first 50 % of steps and
-  crossfades back to the clean source over 10 frames at the end.
-* repaint, diffsynth: source ``VAE(src)·(1-m) + silence·m`` (m = ``repainting_strength`` in the ranges, 1 in the
-  padding, 0 elsewhere), chunk mask 1; the sampler blends ``v = v_src·(1-m) + v·m`` on every step with
-  ``v_src = (x_t - VAE(src)) / t``.
+Each component is called in its own dtype (released weights are bf16, but full fine-tuning keeps the DiT in
+float32 while the condition encoder and the null condition stay bf16): inputs are cast to the component's dtype,
+outputs come back as float32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
+from acestep_train.conditioning.tasks import Cover, Repaint, Semantics, Task, TaskItem, Text2Music, silence_frames
+from acestep_train.conditioning.tasks.semantics import CODE_FRAMES
 from acestep_train.inference.source_audio import HOP, SAMPLE_RATE
-from acestep_train.inference.request import Plan
+
+if TYPE_CHECKING:
+    from acestep_train.inference.request import GenerationRequest, _Inputs, _Knobs
+    from acestep_train.inference.schedules import Schedule
+
+DEFAULT_DURATION_S = 60.0  # DiffSynth's default; the official pipeline picks a random 10-120 s
+MAX_DURATION_S = 600.0
 
 
-@dataclass
-class ItemContext:
-    """Tensors of one item on the model device, float32, time-first (``[T, 64]`` / ``[T]``)."""
-
-    frames: int
-    src: torch.Tensor  # context source latents
-    chunk: torch.Tensor  # chunk mask value per frame
-    init_source: torch.Tensor | None = None  # what denoising_strength < 1 (and diffsynth add_noise) starts from
-    refer: torch.Tensor | None = None  # reference latents [n, 750, 64]; None -> silence timbre
-    keep: torch.Tensor | None = None  # official repaint: True where the source is kept
-    clean_src: torch.Tensor | None = None  # official repaint: the source latents to inject / crossfade to
-    crossfade: torch.Tensor | None = None  # official repaint: final blend weight of the generated latents
-    blend: torch.Tensor | None = None  # diffsynth repaint: velocity blend mask m
-    blend_src: torch.Tensor | None = None  # diffsynth repaint: the source latents of the velocity blend
-    alt_src: torch.Tensor | None = None  # cover: context source after the switch to text2music
+def check_duration(seconds: float, what: str) -> None:
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{what} is {seconds:.1f} s, longer than the {MAX_DURATION_S:.0f} s maximum")
 
 
-def silence_frames(silence_latent: torch.Tensor, frames: int) -> torch.Tensor:
-    """``silence_latent[:frames]`` as ``[frames, 64]``, tiled by repetition past its end (official and DiffSynth)."""
-    s = silence_latent.reshape(-1, silence_latent.shape[-1])
-    if frames > s.shape[0]:
-        s = s.repeat(-(-frames // s.shape[0]), 1)
-    return s[:frames]
+def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a component's first floating-point parameter."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    raise ValueError(f"{type(module).__name__} has no floating-point parameter to take a dtype from")
 
 
-def model_device_dtype(bundle) -> tuple[torch.device, torch.dtype]:
-    p = next(bundle.model.parameters())
-    return p.device, p.dtype
+def dit_device_dtype(bundle) -> tuple[torch.device, torch.dtype]:
+    """Where the DiT (``model.decoder``) runs: the device of every sampler tensor, the dtype of its inputs."""
+    return module_device_dtype(bundle.model.decoder)
 
 
-def encode_audio(bundle, audio: torch.Tensor, sample: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """``[2, N]`` 48 kHz -> VAE latents ``[N // 1920, 64]`` float32 on the model device."""
-    device, _ = model_device_dtype(bundle)
-    lat = bundle.vae.encode(audio[None], sample=sample, generator=generator if sample else None)
-    return lat[0].to(device=device, dtype=torch.float32)
+class ItemEncoders:
+    """The encoders of one item (see :class:`acestep_train.conditioning.tasks.Encoders`): float32 ``[T, C]`` out,
+    on the DiT's device. ``sample``: VAE-encode with a posterior sample drawn from ``generator`` (else the mean)."""
+
+    def __init__(self, bundle, sample: bool, generator: torch.Generator | None):
+        self.bundle, self.sample, self.generator = bundle, sample, generator if sample else None
+        self.device, _ = dit_device_dtype(bundle)
+
+    def audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """``[2, N]`` 48 kHz -> VAE latents ``[N // 1920, 64]``."""
+        lat = self.bundle.vae.encode(audio[None], sample=self.sample, generator=self.generator)
+        return lat[0].to(device=self.device, dtype=torch.float32)
+
+    def hints(self, latents: torch.Tensor, crop: bool) -> torch.Tensor:
+        model = self.bundle.model
+        _, dtype = module_device_dtype(model.tokenizer)
+        lat = latents[None].to(dtype)
+        if crop:
+            return model.latents_to_hints(lat, self.bundle.silence_latent)[0].float()
+        quantized, _ = model.tokenizer.tokenize(lat, self.bundle.silence_latent)
+        return model.detokenizer(quantized)[0].float()
+
+    def code_hints(self, codes: Sequence[int]) -> torch.Tensor:
+        idx = torch.tensor(list(codes), dtype=torch.long, device=self.device)[None]
+        return self.bundle.model.codes_to_hints(idx)[0].float()
+
+    def silence(self, frames: int) -> torch.Tensor:
+        return silence_frames(self.bundle.silence_latent, frames).to(device=self.device, dtype=torch.float32)
 
 
-def encode_references(bundle, plan: Plan, generator: torch.Generator | None) -> torch.Tensor | None:
+def item_encoders(bundle, plan) -> ItemEncoders:
+    """The encoders of a planned item; a posterior sample draws from ``seed + 1`` (the noise uses ``seed``)."""
+    gen = torch.Generator(plan.rand_device).manual_seed(plan.seed + 1) if plan.vae_sample else None
+    return ItemEncoders(bundle, plan.vae_sample, gen)
+
+
+def prepare_item(bundle, plan) -> TaskItem:
+    """Run the encoders a planned item needs and return its task item (context, start point, hooks)."""
+    return plan.task.prepare(item_encoders(bundle, plan), plan.frames, references=plan.references,
+                             start_audio=plan.input_audio)
+
+
+def encode_references(bundle, plan) -> torch.Tensor | None:
     """The item's 30 s reference clips -> ``[n, 750, 64]``; None when it has none (silence timbre)."""
     if not plan.references:
         return None
-    return torch.stack([encode_audio(bundle, clip, plan.vae_sample, generator) for clip in plan.references])
+    enc = item_encoders(bundle, plan)
+    return torch.stack([enc.audio(clip) for clip in plan.references])
 
 
-def _hints_from_latents(bundle, latents: torch.Tensor, crop: bool) -> torch.Tensor:
-    model = bundle.model
-    _, dtype = model_device_dtype(bundle)
-    lat = latents[None].to(dtype)
-    if crop:
-        return model.latents_to_hints(lat, bundle.silence_latent)[0].float()
-    quantized, _ = model.tokenizer.tokenize(lat, bundle.silence_latent)
-    return model.detokenizer(quantized)[0].float()
+# ---- planning: one builder per task (the task object and the output length) ------------------------------------
+
+def _text2music(req: GenerationRequest, semantics: Semantics, inputs: _Inputs, schedule: Schedule,
+                knobs: _Knobs) -> tuple[Task, int]:
+    duration = DEFAULT_DURATION_S if req.duration is None else float(req.duration)
+    return Text2Music(), semantics.text2music_frames(duration, SAMPLE_RATE, HOP)
 
 
-def _soft_region_mask(keep: torch.Tensor, width: int) -> torch.Tensor:
-    """1 inside repainted regions, linear ramps ``k/(width+1)`` over ``width`` frames outside each edge, else 0."""
-    region = (~keep).float()
-    out = region.clone()
-    if width <= 0:
-        return out
-    t = len(region)
-    inside = region.bool().tolist()
-    ramp = torch.linspace(0.0, 1.0, width + 2, device=region.device)[1:-1]
-    i = 0
-    while i < t:
-        if not inside[i]:
-            i += 1
-            continue
-        j = i
-        while j < t and inside[j]:
-            j += 1
-        lo = max(0, i - width)
-        if lo < i:
-            out[lo:i] = torch.maximum(out[lo:i], ramp[width - (i - lo):])
-        hi = min(t, j + width)
-        if hi > j:
-            out[j:hi] = torch.maximum(out[j:hi], ramp.flip(0)[: hi - j])
-        i = j
-    return out
+def _cover(req: GenerationRequest, semantics: Semantics, inputs: _Inputs, schedule: Schedule,
+           knobs: _Knobs) -> tuple[Task, int]:
+    if inputs.codes is not None:
+        frames = CODE_FRAMES * len(inputs.codes)
+    else:
+        frames = semantics.cover_frames(inputs.src.shape[-1] // HOP)
+    switch = int(schedule.steps * knobs.cover_strength) if knobs.cover_strength < 1.0 else None
+    codes = None if inputs.codes is None else tuple(inputs.codes)
+    return Cover(semantics, source=None if codes is not None else inputs.src, codes=codes, switch_step=switch), frames
 
 
-def build_context(bundle, plan: Plan) -> ItemContext:
-    """Run the encoders one item needs and assemble its context (see the module table)."""
-    device, _ = model_device_dtype(bundle)
-    t = plan.frames
-    gen = torch.Generator(plan.rand_device).manual_seed(plan.seed + 1) if plan.vae_sample else None
-    silence = silence_frames(bundle.silence_latent, t).to(device=device, dtype=torch.float32)
-    ones = torch.ones(t, device=device)
-    refer = encode_references(bundle, plan, gen)
-    ctx = ItemContext(frames=t, src=silence, chunk=ones, refer=refer)
+def _repaint(req: GenerationRequest, semantics: Semantics, inputs: _Inputs, schedule: Schedule,
+             knobs: _Knobs) -> tuple[Task, int]:
+    src = inputs.src
+    src_seconds = src.shape[-1] / SAMPLE_RATE
+    ranges = [(s, src_seconds if e is None else e) for s, e in inputs.ranges]
+    for i, (s, e) in enumerate(ranges):
+        if e <= s:
+            raise ValueError(f"repainting_ranges[{i}] = ({s}, {e}) is empty or inverted: end must be after start")
+    # Ranges outside the source: zero-pad the source to reach them (padded coordinates from here on).
+    pad_left_s = max(0.0, -min(s for s, _ in ranges))
+    pad_left = int(pad_left_s * SAMPLE_RATE)
+    pad_right = max(int(max(e for _, e in ranges) * SAMPLE_RATE) - src.shape[-1], 0)
+    check_duration((src.shape[-1] + pad_left + pad_right) / SAMPLE_RATE, "src_audio padded to the repaint ranges")
+    if pad_left or pad_right:
+        src = torch.nn.functional.pad(src, (pad_left, pad_right))
+    ranges = [(s + pad_left_s, e + pad_left_s) for s, e in ranges]
+    frames = src.shape[-1] // HOP
+    region = []
+    for s, e in ranges:
+        a = min(max(int(s * SAMPLE_RATE // HOP), 0), frames - 1)
+        region.append((a, min(max(int(e * SAMPLE_RATE // HOP), a + 1), frames)))
+    blend = [(int(s * SAMPLE_RATE / HOP), int(e * SAMPLE_RATE / HOP)) for s, e in ranges]
+    task = Repaint(semantics, src, tuple(ranges), tuple(region), tuple(blend), pad_samples=(pad_left, pad_right),
+                   pad_frames=(pad_left // HOP, pad_right // HOP), strength=knobs.repainting_strength,
+                   inject_steps=round(knobs.injection_ratio * schedule.steps),
+                   crossfade_frames=knobs.crossfade_frames)
+    return task, frames
 
-    if plan.task == "cover":
-        if plan.codes is not None:
-            idx = torch.tensor(plan.codes, dtype=torch.long, device=device)[None]
-            ctx.src = bundle.model.codes_to_hints(idx)[0].float()
-        else:
-            lat = encode_audio(bundle, plan.src_audio, plan.vae_sample, gen)
-            hints = _hints_from_latents(bundle, lat, crop=plan.semantics == "official")
-            ctx.src = hints
-            # DiffSynth extends its noise-init source with the extra hint frames.
-            ctx.init_source = torch.cat([lat, hints[lat.shape[0]:]], dim=0)
-        if plan.cover_switch_step is not None:
-            ctx.alt_src = silence
-    elif plan.task == "repaint":
-        lat = encode_audio(bundle, plan.src_audio, plan.vae_sample, gen)
-        ctx.init_source = lat
-        if plan.semantics == "official":
-            keep = torch.ones(t, dtype=torch.bool, device=device)
-            for a, b in plan.repaint_frames:
-                keep[a:b] = False
-            ctx.src = torch.where(keep[:, None], lat, silence)
-            ctx.chunk = (~keep).float()
-            ctx.keep, ctx.clean_src = keep, lat
-            ctx.crossfade = _soft_region_mask(keep, plan.request.repaint_crossfade_frames)
-        else:
-            m = torch.zeros(t, device=device)
-            for s, e in plan.repaint_ranges:
-                m[int(s * SAMPLE_RATE / HOP):int(e * SAMPLE_RATE / HOP)] = plan.request.repainting_strength
-            left, right = (p // HOP for p in plan.pad_samples)
-            m[:left] = 1.0  # padding is always fully repainted
-            if right:
-                m[t - right:] = 1.0
-            ctx.src = lat * (1 - m[:, None]) + silence * m[:, None]
-            ctx.blend, ctx.blend_src = m, lat
 
-    if plan.input_audio is not None:
-        lat = encode_audio(bundle, plan.input_audio, plan.vae_sample, gen)[:t]
-        if lat.shape[0] < t:
-            lat = torch.cat([lat, lat.new_zeros(t - lat.shape[0], lat.shape[1])])
-        ctx.init_source = lat
-    return ctx
+# A new task: its class in conditioning/tasks and its builder here.
+TASK_BUILDERS: dict[str, Callable[..., tuple[Task, int]]] = {
+    "text2music": _text2music, "cover": _cover, "repaint": _repaint}
