@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from acestep_train.conditioning.text import encode_text_conditions
 from acestep_train.lora.inject import apply_lora
-from acestep_train.training.objective import silence_context
+from acestep_train.conditioning.tasks import Text2Music
 from datamodules.audio import SAMPLE_RATE, load_audio
 
 
@@ -121,7 +121,7 @@ def diffsynth_style_train(bundle, records, epochs: int, s: LoopSettings, seed: i
                     bundle.silence_latent)
                 t2 = time.perf_counter()
             # ContextLatentBuilder: silence source + all-ones chunk mask.
-            ctx = silence_context(bundle.silence_latent, 1, x0.shape[1]).to(x0)
+            ctx = Text2Music().context(bundle.silence_latent, 1, x0.shape[1]).to(x0)
             # FlowMatchSFTLoss: one sigma per step, x_t = (1 - s) x0 + s noise, target noise - x0, weighted MSE.
             i = int(torch.randint(0, len(sigmas), (1,)))
             t = sigmas[i].reshape(1).to(dtype)
@@ -181,7 +181,7 @@ def bare_train(bundle, loader: DataLoader, steps: int, s: LoopSettings, schedule
             noise = torch.randn_like(x0) * m
             tt = t[:, None, None]
             x_t = tt * noise + (1 - tt) * x0
-            ctx = silence_context(silence, b, x0.shape[1]).to(x0)
+            ctx = Text2Music().context(silence, b, x0.shape[1]).to(x0)
             v = model.decoder(x_t, t, t, enc, ctx, attention_mask=mask, encoder_attention_mask=enc_mask)
             loss = ((v - (noise - x0)) ** 2 * m).sum() / (m.sum() * x0.shape[-1])
             loss.backward()

@@ -15,6 +15,7 @@ import torch
 
 from datamodules.batch import Batch
 
+from acestep_train.conditioning.tasks import Text2Music
 from acestep_train.models.acestep import AceStepModel
 from acestep_train.training.dtype_policy import DtypePolicy
 from acestep_train.training.keyed_rng import Stream, draw_key, keyed_generator, keyed_global_rng
@@ -154,7 +155,8 @@ class Objective:
         enc, dropped, t, noise = self.draws(batch, enc, model.null_condition_emb, generators)
         t, noise = t.to(x0.device), noise.to(x0)
         x_t = noisy_latents(x0, noise, t)
-        ctx = silence_context(silence_latent, b, frames).to(x0)
+        # The text2music context, built by the same task object the sampler asks (training == sampling).
+        ctx = Text2Music().context(silence_latent, b, frames).to(x0)
         dit = self.dtypes.dit
         v = model.decoder(x_t.to(dit), t.to(dit), t.to(dit), enc.to(dit), ctx.to(dit),
                           attention_mask=batch.latent_mask, encoder_attention_mask=enc_mask)
@@ -203,17 +205,3 @@ def padded_noise(batch: Batch, generator: torch.Generator) -> torch.Tensor:
         noise[i, :n] = torch.randn(int(n), d, generator=generator)
     return noise
 
-
-def silence_context(silence_latent: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
-    """text2music context ``[B, T, 2C]``: silence latents as the source and an all-ones chunk mask."""
-    src = silence_slice(silence_latent, frames)
-    ctx = torch.cat([src, torch.ones_like(src)], dim=-1)
-    return ctx.expand(batch, -1, -1)
-
-
-def silence_slice(silence_latent: torch.Tensor, frames: int) -> torch.Tensor:
-    """``silence_latent[:, :frames]``, tiled by repetition past its length (as the official code does)."""
-    s = silence_latent.reshape(1, -1, silence_latent.shape[-1])
-    if frames > s.shape[1]:
-        s = s.repeat(1, -(-frames // s.shape[1]), 1)
-    return s[:, :frames]
