@@ -236,3 +236,27 @@ def check_peft_available() -> None:
             f"mode=lora needs the peft package, which failed to import ({type(err).__name__}: {err}); "
             "install it with `pip install 'peft>=0.15'` or use mode=full"
         ) from err
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    """Check ``ckpt_path`` before the model is loaded and the cache is built: a local checkpoint that exists.
+
+    Remote paths (``http://``, ``s3://``, ...) are refused: Lightning loads URLs with ``weights_only=False``, which
+    runs whatever code the file's pickle holds. ``null`` and ``auto`` (resolved later) pass.
+
+    Args:
+        ckpt_path: the ``ckpt_path`` config value.
+    """
+    if ckpt_path is None or ckpt_path == "auto":
+        return
+    value = str(ckpt_path)
+    if _URL_SCHEME.match(value):
+        raise StartupCheckError(
+            f"ckpt_path={value}: remote checkpoints are not loaded (a URL would be unpickled without "
+            "weights_only, running any code inside the file); download it and pass the local path")
+    if not os.path.exists(value):
+        raise StartupCheckError(f"ckpt_path={value}: no such checkpoint (give the path of a .ckpt written by a run, "
+                                "e.g. <run>/checkpoints/last.ckpt, or ckpt_path=auto)")
