@@ -260,3 +260,16 @@ def check_ckpt_path(ckpt_path: Any) -> None:
     if not os.path.exists(value):
         raise StartupCheckError(f"ckpt_path={value}: no such checkpoint (give the path of a .ckpt written by a run, "
                                 "e.g. <run>/checkpoints/last.ckpt, or ckpt_path=auto)")
+
+
+def check_no_missing_values(cfg: Any) -> None:
+    """Check that every mandatory (``???``) config value was given, naming them all with their full keys (before
+    any model is loaded; OmegaConf's own error names only the last key, e.g. ``metadata``)."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise StartupCheckError(", ".join(missing) + (" is" if len(missing) == 1 else " are") + " required: give "
+                                + " ".join(f"{k}=..." for k in missing)
+                                + (" (e.g. data.metadata=/data/songs/metadata.csv)" if "data.metadata" in missing
+                                   else ""))

@@ -65,6 +65,7 @@ def world_size(cfg: DictConfig) -> int:
 
 def run_startup_checks(cfg: DictConfig) -> None:
     """Fail before any heavy work when the launch and the config disagree."""
+    checks.check_no_missing_values(cfg)
     checks.check_ckpt_path(cfg.ckpt_path)
     checks.check_accelerator(_strategy_name(cfg.trainer.strategy), cfg.trainer.accelerator)
     checks.check_strategy_installed(_strategy_name(cfg.trainer.strategy))
