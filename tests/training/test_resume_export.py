@@ -56,6 +56,7 @@ def test_embedded_default_resumes_and_exports(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"Restoring states from the checkpoint path at {last}" in second.stdout + second.stderr
     assert loads_weights_only(last)["global_step"] == 8
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # overwritten, never last-v1.ckpt
 
     out = tmp_path / "exported"
     exp = cli(tmp_path, "-m", "acestep_train.training.export", str(last), "--out", str(out))
