@@ -27,5 +27,7 @@ class EpochEndCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or self._saved_step == trainer.global_step:
             return
+        if trainer.should_stop:  # stopped mid-epoch (max_steps, a callback): the step checkpoints have that step
+            return
         self._saved_step = trainer.global_step
         trainer.save_checkpoint(self.path)  # every rank calls it; the strategy decides who writes
