@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from acestep_train.checkpoints.atomic import atomic_path, atomic_write
 
 SILENCE_LATENT_FILE = "silence_latent.pt"
 
@@ -130,12 +131,10 @@ def iter_safetensors(files: list[Path], dtype: torch.dtype | None = None) -> Ite
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None):
-    """Write a safetensors file via a temporary name and ``os.replace`` so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """Write a safetensors file atomically (``checkpoints.atomic``): readers never see half a file, and the file
+    gets the umask's mode (``save_file`` alone creates it 0600)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_silence_latent(path: Path) -> torch.Tensor:
@@ -158,11 +157,8 @@ def load_silence_latent(path: Path) -> torch.Tensor:
 
 def save_silence_latent(latent_btc: torch.Tensor, path: Path) -> None:
     """Inverse of :func:`load_silence_latent`: store ``[1, T, C]`` as ``[1, C, T]``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(latent_btc.transpose(1, 2).contiguous().cpu(), tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save(latent_btc.transpose(1, 2).contiguous().cpu(), f)
 
 
 def read_json(path: Path) -> dict:

@@ -230,6 +230,7 @@ def read_adapters(specs: Sequence[AdapterSpec], model_cfg: Mapping) -> list[tupl
         return []
     import torch
 
+    from acestep_train.checkpoints.finite import check_finite_lora
     from acestep_train.lora import match_adapter, read_lora
     from acestep_train.models.acestep import AceStepModel
 
@@ -238,6 +239,7 @@ def read_adapters(specs: Sequence[AdapterSpec], model_cfg: Mapping) -> list[tupl
     out = []
     for spec in specs:
         lf = read_lora(spec.path, spec.format)
+        check_finite_lora(lf)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # partial matches warn once, when the adapter is really applied
             match_adapter(decoder, lf.weights, spec.path)
@@ -363,6 +365,10 @@ def run(cfg: DictConfig | Mapping) -> list[dict[str, Any]]:
                     "components_source": model_cfg.get("components_source"), "dtype": model_cfg.get("dtype"),
                     "seed": model_cfg.get("seed") if bundle.source is None else None, "files": bundle.files,
                     "config": model_cfg}
+    for out, track in zip(job.outputs, tracks):  # never write NaN audio as if it were a result
+        if not torch.isfinite(track).all():
+            raise GenerateError(f"{out}: the generated audio has NaN/Inf samples (a corrupt adapter or model "
+                                "weights?); nothing was written")
     for i, (track, params, req, out) in enumerate(zip(tracks, result.params, job.requests, job.outputs)):
         write_audio(out, track, result.sample_rate)
         png = None
@@ -431,7 +437,10 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         run_cli(cfg)
 
-    _main()
+    from acestep_train.cli import reported_errors
+
+    with reported_errors(bad_input_errors()):  # bad overrides too: one `error:` line, status 2
+        _main()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ the same way.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import subprocess
@@ -225,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from hydra.errors import HydraException
 
+    from acestep_train.cli import EXIT_BAD_INPUT, TRACEBACK_ENV, bad_input_cause, bad_input_errors, one_line
+
     try:
         cfg = compose(args.overrides, args.config_dir, args.config_name)
         run_dir = run_dir_of(cfg)
@@ -239,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
             time=args.time,
             extra_sbatch=args.sbatch,
         )
-    except (HydraException, ValueError) as err:
-        print(f"acestep_train.launch.submit: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # bad input -> one `error:` line and status 2, like every other command
+        cause = bad_input_cause(err, (HydraException, ValueError, *bad_input_errors()))
+        if cause is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {one_line(cause)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     script_path = run_dir / "slurm.sbatch"
     if args.dry_run:
         print(f"# would write {script_path} and run: sbatch {script_path}")

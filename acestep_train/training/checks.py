@@ -236,3 +236,40 @@ def check_peft_available() -> None:
             f"mode=lora needs the peft package, which failed to import ({type(err).__name__}: {err}); "
             "install it with `pip install 'peft>=0.15'` or use mode=full"
         ) from err
+
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    """Check ``ckpt_path`` before the model is loaded and the cache is built: a local checkpoint that exists.
+
+    Remote paths (``http://``, ``s3://``, ...) are refused: Lightning loads URLs with ``weights_only=False``, which
+    runs whatever code the file's pickle holds. ``null`` and ``auto`` (resolved later) pass.
+
+    Args:
+        ckpt_path: the ``ckpt_path`` config value.
+    """
+    if ckpt_path is None or ckpt_path == "auto":
+        return
+    value = str(ckpt_path)
+    if _URL_SCHEME.match(value):
+        raise StartupCheckError(
+            f"ckpt_path={value}: remote checkpoints are not loaded (a URL would be unpickled without "
+            "weights_only, running any code inside the file); download it and pass the local path")
+    if not os.path.exists(value):
+        raise StartupCheckError(f"ckpt_path={value}: no such checkpoint (give the path of a .ckpt written by a run, "
+                                "e.g. <run>/checkpoints/last.ckpt, or ckpt_path=auto)")
+
+
+def check_no_missing_values(cfg: Any) -> None:
+    """Check that every mandatory (``???``) config value was given, naming them all with their full keys (before
+    any model is loaded; OmegaConf's own error names only the last key, e.g. ``metadata``)."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise StartupCheckError(", ".join(missing) + (" is" if len(missing) == 1 else " are") + " required: give "
+                                + " ".join(f"{k}=..." for k in missing)
+                                + (" (e.g. data.metadata=/data/songs/metadata.csv)" if "data.metadata" in missing
+                                   else ""))

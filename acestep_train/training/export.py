@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from acestep_train.checkpoints.checkpoint_io import SILENCE_LATENT_FILE, save_silence_latent
+from acestep_train.checkpoints.checkpoint_io import SILENCE_LATENT_FILE, CheckpointError, save_silence_latent
 from acestep_train.checkpoints.loading import save_acestep_model
+from acestep_train.cli import UsageError, reported_errors
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def export_module(module, out_dir: str | Path, formats: list[str], steps: int | 
     written = {}
     unknown = sorted(set(formats) - set(LORA_FILES))
     if unknown:
-        raise ValueError(f"exports={unknown}: unknown format; choose from {sorted(LORA_FILES)}")
+        raise UsageError(f"exports={unknown}: unknown format; choose from {sorted(LORA_FILES)}")
     provenance = {"steps": int(module.global_step if steps is None else steps), "sampling": vars(bundle.sampling), "source": bundle.source}
     for fmt in formats:
         if fmt in LORA_ONLY_FORMATS and spec.variant != "lora":
@@ -73,18 +74,41 @@ def module_from_checkpoint(ckpt: Path, config: Path | None = None):
     from acestep_train.checkpoints.loading import load_bundle
 
     ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt}: no such checkpoint (give a .ckpt written by a run, e.g. "
+                              "<run>/checkpoints/last.ckpt)")
     config = Path(config) if config else ckpt.parent.parent / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{config}: the run's config.yaml is needed to rebuild the base model; pass --config")
+        raise CheckpointError(f"{config}: the run's config.yaml is needed to rebuild the base model; pass --config")
+    state = load_checkpoint_plain(ckpt)  # before the model is built: a bad file fails fast
     cfg = OmegaConf.load(config)
     module = build_module(cfg, load_bundle(OmegaConf.to_container(cfg.model, resolve=True)))
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=False)
     return module, cfg, int(state.get("global_step", 0))
 
 
+def load_checkpoint_plain(ckpt: Path) -> dict:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (no pickle code runs); refusals name the file."""
+    import pickle
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt}: not a training checkpoint that loads safely with weights_only=True "
+                              f"({first})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{ckpt}: not a Lightning training checkpoint (no state_dict)")
+    return state
+
+
 def main(argv: list[str] | None = None) -> None:
+    with reported_errors():
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = argparse.ArgumentParser(prog="python -m acestep_train.training.export", description=__doc__.split("\n\n")[0])
     p.add_argument("ckpt", type=Path, help="a Lightning checkpoint written by training (e.g. checkpoints/last.ckpt)")
     p.add_argument("--config", type=Path, default=None, help="the run's config.yaml (default: next to checkpoints/)")

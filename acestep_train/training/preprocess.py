@@ -136,7 +136,10 @@ def main() -> None:
         cfg.preprocess_only = True
         run(cfg)
 
-    _run()
+    from acestep_train.cli import reported_errors
+
+    with reported_errors():
+        _run()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Multi-process training: Lightning strategies configured for the ACE-Step DiT (``trainer=fsdp|deepspeed_zero2|...``),
-and what makes a preempted or time-limited SLURM job resume itself exactly (``SlurmRequeue``, ``resolve_ckpt_path``).
+and what makes an interrupted run keep its work: a checkpoint at a step boundary on SIGTERM/SIGINT/SIGUSR1
+(``StopOnSignal``), and a preempted or time-limited SLURM job that requeues and resumes itself exactly
+(``resolve_ckpt_path``).
 """
 
 from __future__ import annotations
@@ -7,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -82,62 +85,132 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path | str, checkpoint_dir
     return str(newest)
 
 
-class SlurmRequeue(L.Callback):
-    """On SLURM's warning signal (``#SBATCH --signal=SIGUSR1@90``), checkpoint at the next optimizer step on every
-    rank together, ``scontrol requeue`` the job, and wait for SLURM to stop it; the restart resumes from that
-    ``<run>/hpc_ckpt_N.ckpt`` (``resolve_ckpt_path``).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    Replaces Lightning's own SIGUSR1 handler (which this one's presence disables), because that one saves and
-    synchronises inside the signal handler, wherever each rank happens to be: under DDP rank 0's checkpoint barrier
-    can meet rank 1's gradient all-reduce (a hang), and a checkpoint taken mid-step does not resume exactly. Here the
-    handler only sets a flag; after each optimizer step the ranks agree on it (one boolean all-reduce), so the
-    checkpoint is taken at a step boundary, exactly like a periodic one.
 
-    Inactive (and the signal untouched) outside a SLURM batch job. Built early in ``run`` so that a signal during
-    model loading or cache building is kept, not fatal (SIGUSR1's default action ends the process).
+def next_hpc_path(run_dir: Path | str) -> Path:
+    """``<run_dir>/hpc_ckpt_<N+1>.ckpt`` after the highest N there (the name Lightning's SLURM resume looks for)."""
+    numbers = [int(m.group(1)) for p in Path(run_dir).glob(f"{HPC_PREFIX}*.ckpt")
+               if (m := re.fullmatch(rf"{HPC_PREFIX}(\d+)\.ckpt", p.name))]
+    return Path(run_dir) / f"{HPC_PREFIX}{max(numbers, default=0) + 1}.ckpt"
+
+
+class StoppedBySignal(SystemExit):
+    """Training stopped on a signal after saving a checkpoint; the exit status is 128 + the signal number."""
+
+
+class StopOnSignal(L.Callback):
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 -> a checkpoint at the next optimizer step, on every rank together, then:
+
+    - inside a SLURM batch job, on SLURM's warning signal (``#SBATCH --signal=SIGUSR1@90``): ``<run>/hpc_ckpt_N.ckpt``,
+      ``scontrol requeue``, and a wait for SLURM to stop the job; the restart resumes from that checkpoint
+      (``resolve_ckpt_path``);
+    - otherwise: ``<checkpoint_dir>/last.ckpt`` (what ``ckpt_path=auto`` resumes from) and exit status 128 + signum
+      (143 for SIGTERM, 130 for SIGINT), so a scheduler or a shell script sees that the run did not finish.
+
+    The handler only sets a flag (no I/O, no collectives inside a signal handler); after each optimizer step the ranks
+    agree on it (one boolean all-reduce), so the checkpoint is taken at a step boundary and resumes exactly, and no
+    rank's save meets another rank's gradient all-reduce. Lightning's own handling is left out on purpose: its SLURM
+    handler saves inside the signal handler wherever each rank is (the trainer is built with
+    ``SLURMEnvironment(auto_requeue=False)``), and its SIGTERM handling stops after one more step, saves nothing and
+    exits 0.
+
+    Built early in ``run`` so that SLURM's warning during model loading or cache building is kept, not fatal. Before
+    training starts (and after it ends) SIGINT and SIGTERM stop the process at once (nothing to save yet); a second
+    Ctrl-C while a checkpoint is pending stops at once too. ``restore()`` puts the previous handlers back.
 
     Args:
-        signum: the warning signal (``--signal=SIGUSR1@...``).
+        checkpoint_dir: where the ``last.ckpt`` of a stop outside SLURM goes (the ModelCheckpoint folder).
+        requeue_signal: SLURM's warning signal (``--signal=SIGUSR1@...``).
         wait_s: how long to wait for SLURM to stop the job after a successful requeue before giving up with an
             error (SLURM sends SIGTERM and, after ``KillWait``, SIGKILL).
+        on_slurm: inside a SLURM batch job (default: from the environment).
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1, wait_s: float = 600.0):
-        self.signum = signum
+    def __init__(self, checkpoint_dir: Path | str | None = None, requeue_signal: int = signal.SIGUSR1,
+                 wait_s: float = 600.0, on_slurm: bool | None = None):
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.requeue_signal = requeue_signal
         self.wait_s = wait_s
-        self.requested = False
+        self.on_slurm = in_slurm_job() if on_slurm is None else on_slurm
+        self.received: int | None = None
+        self.training = False
+        self._waiting_for_slurm = False
         self._last_step: int | None = None
-        self.active = in_slurm_job() and threading.current_thread() is threading.main_thread()
-        self._previous = signal.signal(signum, self._on_signal) if self.active else None
+        self.active = threading.current_thread() is threading.main_thread()
+        self._previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS} if self.active else {}
 
-    def _on_signal(self, signum, frame) -> None:  # only a flag: no I/O, no collectives inside a signal handler
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
-    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        if self._waiting_for_slurm and signum == signal.SIGTERM:
+            raise StoppedBySignal(128 + signum)  # SLURM stopping the requeued job: everything is saved
+        if signum != self.requeue_signal or not self.on_slurm:
+            if not self.training or (signum == signal.SIGINT and self.received == signal.SIGINT):
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise StoppedBySignal(128 + signum)  # nothing to save (yet)
+        if self.received is None or signum != self.requeue_signal:
+            self.received = signum  # SIGTERM/SIGINT outrank a pending requeue
+
+    def restore(self) -> None:
         if self.active and threading.current_thread() is threading.main_thread():
-            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            for s, previous in self._previous.items():
+                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
             self.active = False
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
+        self.training = True
+        if self.active:  # Lightning installed its SIGTERM handler when fit began: ours decides
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.training = False
+        if self.received is not None:
+            log.warning("received signal %d after the last step: the run finished and saved as usual", self.received)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self.training = False
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if not self.active or trainer.global_step == self._last_step:
-            return  # not on SLURM, or mid gradient accumulation (no optimizer step since the last check)
+        if trainer.global_step == self._last_step:
+            return  # mid gradient accumulation (no optimizer step since the last check)
         self._last_step = trainer.global_step
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
-        self.requested = False
-        path = trainer.strategy.broadcast(
-            trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir) if trainer.is_global_zero else None)
+        requeue = trainer.strategy.reduce_boolean_decision(
+            self.on_slurm and self.received in (None, self.requeue_signal), all=True)
+        signum = self.received or signal.SIGTERM  # a rank that got nothing stops like the one that did
+        self.received = None
+        if requeue:
+            self._save_and_requeue(trainer)
+            return
+        path = trainer.strategy.broadcast(str(self._last_ckpt(trainer)) if trainer.is_global_zero else None)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            log.warning("%s: saved %s at step %d; resume with ckpt_path=%s", signal.Signals(signum).name, path,
+                        trainer.global_step, path)
+        raise StoppedBySignal(128 + signum)
+
+    def _last_ckpt(self, trainer: L.Trainer) -> Path:
+        return (self.checkpoint_dir or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+
+    def _save_and_requeue(self, trainer: L.Trainer) -> None:
+        path = trainer.strategy.broadcast(str(next_hpc_path(trainer.default_root_dir)) if trainer.is_global_zero
+                                          else None)
         trainer.save_checkpoint(path)
         requeued = trainer.strategy.broadcast(self._requeue(path) if trainer.is_global_zero else None)
         if not requeued:
             return  # keep training; the next signal tries again
         log.info("rank %d: waiting for SLURM to stop this job (requeued)", trainer.global_rank)
+        self._waiting_for_slurm = True
         deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline:
             time.sleep(1.0)
+        self._waiting_for_slurm = False
         raise RuntimeError(f"the job was requeued, but SLURM did not stop it within {self.wait_s:.0f} s")
 
     @staticmethod
@@ -155,3 +228,12 @@ class SlurmRequeue(L.Callback):
             return False
         log.info("saved %s and requeued SLURM job %s", path, job)
         return True
+
+
+SlurmRequeue = StopOnSignal  # the name the SLURM tests and docs know it by
+
+
+def slurm_environment_plugins() -> list:
+    """Inside a SLURM batch job: Lightning's SLURM environment without its own requeue handler (``StopOnSignal``
+    does that at a step boundary)."""
+    return [SLURMEnvironment(auto_requeue=False)] if in_slurm_job() else []

@@ -1,7 +1,8 @@
 """``run(cfg)``: the training job, top to bottom.
 
-seed -> startup checks -> model bundle -> data (+ feature cache) -> module -> callbacks/loggers -> trainer ->
-fit (or resume) -> exports -> run record.
+seed -> startup checks -> model bundle -> data (+ feature cache) -> module -> memory estimate -> callbacks/loggers
+-> trainer -> fit (or resume) -> exports -> run record. SIGTERM/SIGINT/SIGUSR1 during fit -> a checkpoint at the next
+step, then exit 128 + signum (``strategies.StopOnSignal``; inside SLURM the warning signal requeues instead).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from acestep_train.training import checks, optimizers
+from acestep_train.cli import reported_errors
+from acestep_train.training import checks, memory, optimizers
 from acestep_train.training.atomic_checkpoint import AtomicCheckpointIO
 from acestep_train.checkpoints.loading import load_bundle
 from acestep_train.training.module import AceStepModule
 from acestep_train.training.objective import ObjectiveConfig
 from acestep_train.training.preprocess import BundleEncoder
 from acestep_train.training.callbacks.run_record import RunRecord
-from acestep_train.training.strategies import SlurmRequeue, resolve_ckpt_path
+from acestep_train.training.strategies import StopOnSignal, resolve_ckpt_path, slurm_environment_plugins
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     if isinstance(strategy, dict):
         kwargs["strategy"] = instantiate(strategy)
     return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir(cfg)),
-                     plugins=[AtomicCheckpointIO()])
+                     plugins=[AtomicCheckpointIO(), *slurm_environment_plugins()])
 
 
 def build_module(cfg: DictConfig, bundle) -> AceStepModule:
@@ -63,6 +65,8 @@ def world_size(cfg: DictConfig) -> int:
 
 def run_startup_checks(cfg: DictConfig) -> None:
     """Fail before any heavy work when the launch and the config disagree."""
+    checks.check_no_missing_values(cfg)
+    checks.check_ckpt_path(cfg.ckpt_path)
     checks.check_accelerator(_strategy_name(cfg.trainer.strategy), cfg.trainer.accelerator)
     checks.check_strategy_installed(_strategy_name(cfg.trainer.strategy))
     checks.check_fsdp_dtype(_strategy_name(cfg.trainer.strategy), cfg.model.get("dtype"), cfg.trainer.precision,
@@ -82,12 +86,21 @@ def _strategy_name(strategy) -> str | None:
 
 
 def build_datamodule(cfg: DictConfig):
-    """Instantiate ``cfg.data``; ``data.global_batch_size`` (optional) sets the per-device batch size."""
+    """Instantiate ``cfg.data``; ``data.global_batch_size`` (optional) sets the per-device batch size.
+
+    Nested mappings (``data.fields``, ``data.demo``) reach the data module as plain dicts (``_convert_="all"``):
+    its hyperparameters go into every checkpoint, and a DictConfig there makes the checkpoint unloadable with
+    ``weights_only=True`` (resume, export)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     global_batch = data.pop("global_batch_size", None)
     if global_batch:
         data["batch_size"] = int(global_batch) // world_size(cfg)
-    return instantiate(data)
+    return instantiate(data, _convert_="all")
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where periodic checkpoints (and a signal's ``last.ckpt``) go."""
+    return Path(OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath") or output_dir(cfg) / "checkpoints")
 
 
 def run(cfg: DictConfig) -> dict:
@@ -96,8 +109,15 @@ def run(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     run_startup_checks(cfg)
-    requeue = SlurmRequeue()  # catches SLURM's time-limit signal from here on (a no-op outside SLURM)
+    # Catches SIGTERM/SIGINT/SIGUSR1 from here on: a checkpoint at the next step once training runs.
+    stopper = StopOnSignal(checkpoint_dir(cfg))
+    try:
+        return _run(cfg, out, stopper)
+    finally:
+        stopper.restore()
 
+
+def _run(cfg: DictConfig, out: Path, stopper: StopOnSignal) -> dict:
     bundle = load_bundle(OmegaConf.to_container(cfg.model, resolve=True))
     datamodule = build_datamodule(cfg)
     accel = "cuda" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
@@ -111,12 +131,14 @@ def run(cfg: DictConfig) -> dict:
 
     module = build_module(cfg, bundle)
     _apply_start_adapters(cfg, module)
+    memory.check_run_fits(cfg, module, bundle, world_size(cfg))
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c is not None]
-    callbacks += [RunRecord(out, cfg), requeue]
+    callbacks += [RunRecord(out, cfg), stopper]
     trainer = build_trainer(cfg, callbacks, loggers)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out, OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath"))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint is plain data (AtomicCheckpointIO checks it), so no pickle code ever runs on resume.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     encoder.release()
 
     result = {"output_dir": out}
@@ -128,13 +150,21 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _apply_start_adapters(cfg: DictConfig, module: AceStepModule) -> None:
-    """Differential LoRA (adapters fused into the base first) and continuing from an exported adapter."""
+    """Differential LoRA (adapters fused into the base first) and continuing from an exported adapter.
+
+    Each adapter file is checked for NaN/Inf first: otherwise the first loss is NaN and the message blames the
+    data samples of that batch."""
     fuse = list(cfg.mode.get("fuse_loras") or [])
     init = cfg.mode.get("init_lora")
     if not fuse and not init:
         return
+    from acestep_train.checkpoints.finite import check_finite_weights
     from acestep_train.lora import load_adapter_into_trainable, load_adapters_fused_into_base
 
+    for f in fuse:
+        check_finite_weights(f["path"], "mode.fuse_loras adapter")
+    if init:
+        check_finite_weights(init, "mode.init_lora adapter")
     if fuse:
         load_adapters_fused_into_base(module.model.decoder, [(f["path"], float(f.get("strength", 1.0))) for f in fuse])
     if init:
@@ -150,4 +180,5 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         run(cfg)
 
-    _main()
+    with reported_errors():
+        _main()

@@ -334,15 +334,12 @@ def test_resolve_ckpt_path(tmp_path):
 
 
 class _FakeTrainer:
-    """Just what SlurmRequeue touches, for one process."""
+    """Just what StopOnSignal touches, for one process."""
 
     def __init__(self, root: Path):
-        from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
-
         self.global_step, self.global_rank, self.is_global_zero = 5, 0, True
         self.default_root_dir = str(root)
         self.saved: list[str] = []
-        self._checkpoint_connector = _CheckpointConnector
         self.strategy = self
 
     def reduce_boolean_decision(self, decision, all=True):
@@ -353,6 +350,7 @@ class _FakeTrainer:
 
     def save_checkpoint(self, path):
         self.saved.append(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(b"")
 
 
@@ -360,14 +358,18 @@ def test_slurm_requeue_callback(tmp_path, monkeypatch):
     import signal
 
     from acestep_train.training import strategies
-    from acestep_train.training.strategies import SlurmRequeue
+    from acestep_train.training.strategies import SlurmRequeue, StoppedBySignal
 
     previous = signal.getsignal(signal.SIGUSR1)
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
-    assert not SlurmRequeue().active and signal.getsignal(signal.SIGUSR1) == previous  # untouched outside SLURM
+    cb = SlurmRequeue()
+    assert not cb.on_slurm  # outside SLURM the warning signal checkpoints and exits instead (tests/training/test_signals)
+    cb.restore()
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
-    assert not SlurmRequeue().active  # salloc: Lightning ignores SLURM, and so do we
+    cb = SlurmRequeue()
+    assert not cb.on_slurm  # salloc: Lightning ignores SLURM, and so do we
+    cb.restore()
 
     monkeypatch.setenv("SLURM_JOB_NAME", "train")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -379,8 +381,12 @@ def test_slurm_requeue_callback(tmp_path, monkeypatch):
 
     monkeypatch.setattr(strategies.subprocess, "run", scontrol)
     cb = SlurmRequeue(wait_s=0)
+    assert cb.on_slurm
     try:
         trainer = _FakeTrainer(tmp_path)
+        os.kill(os.getpid(), signal.SIGUSR1)  # before training (model loading, caching): kept, not fatal
+        assert cb.requested
+        cb.received = None
         cb.on_train_start(trainer, None)
         cb.on_train_batch_end(trainer)
         assert trainer.saved == [] and calls == []  # no signal, nothing happens
@@ -399,6 +405,11 @@ def test_slurm_requeue_callback(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="requeued, but SLURM did not stop it"):
             cb.on_train_batch_end(trainer)  # requeued: waits for SLURM's kill (wait_s=0 here)
         assert trainer.saved[-1] == str(tmp_path / "hpc_ckpt_2.ckpt")
+        os.kill(os.getpid(), signal.SIGTERM)  # inside SLURM, SIGTERM is a stop: last.ckpt and exit 143
+        trainer.global_step = 8
+        with pytest.raises(StoppedBySignal) as stopped:
+            cb.on_train_batch_end(trainer)
+        assert stopped.value.code == 143 and trainer.saved[-1] == str(tmp_path / "checkpoints" / "last.ckpt")
     finally:
-        cb.teardown(None, None, "fit")
+        cb.restore()
     assert signal.getsignal(signal.SIGUSR1) == previous

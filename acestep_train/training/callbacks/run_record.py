@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from acestep_train.checkpoints.atomic import write_text_atomic
+
 HERE = Path(__file__).resolve().parent  # git finds the checkout (if any) from here
 
 
@@ -27,12 +29,12 @@ def git_revision() -> str:
 def write_run_record(out: Path, cfg: DictConfig, datamodule) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # export rebuilds the model from it
     record = {"git_revision": git_revision(),
               "dataset_manifest_hash": getattr(datamodule, "manifest_hash", None),
               "model": OmegaConf.select(cfg, "model.name"), "mode": OmegaConf.select(cfg, "mode.name")}
     path = out / "run.json"
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 
