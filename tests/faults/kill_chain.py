@@ -133,9 +133,10 @@ def run_chain(overrides: list[str], run_dir: Path, tmp: Path, plan: list[tuple],
     for event in plan:
         if event[0] == "step" and newest_step_file(run_dir) >= event[1]:
             continue  # an earlier segment already got past this step (the plan is drawn, not tuned)
-        chain.segments.append(run_segment(overrides, run_dir, tmp, event, timeout))
-        if chain.segments[-1].returncode == 0:
-            return chain  # finished before the event fired
+        segment = run_segment(overrides, run_dir, tmp, event, timeout)
+        chain.segments.append(segment)
+        if segment.returncode == 0 or not segment.killed:
+            return chain  # finished before the event fired, or failed by itself (the caller reports its log)
     chain.segments.append(run_segment(overrides, run_dir, tmp, None, timeout))
     return chain
 
