@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 SUB = "acestep-v15-turbo"
 ISSUE_URL = ("issue 8 item 3: ckpt_path=http://... is loaded by Lightning with weights_only=False "
              "(fix on a parallel branch)")
+ISSUE_MESSAGE = ("issue 8 item 11: refused safely, but as a raw traceback (UnpicklingError) that does not name the "
+                 "file (fix on a parallel branch)")
 ATTENTION = r"layers\.\d+\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -108,6 +110,7 @@ def test_ckpt_path_url(songs, tmp_path):
     assert_refused(proc, marker, "last.ckpt")
 
 
+@pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)
 def test_export_checkpoint(tmp_path):
     from train_helpers import compose_train
 
@@ -148,7 +151,8 @@ def hostile_adapter(kind: str, peft_adapter: Path, tmp: Path, marker: Path) -> t
     return hostile_tensor_file(tmp / "evil_lora.safetensors", marker), "evil_lora.safetensors"
 
 
-ADAPTER_KINDS = ["peft_bin", "pt", "renamed_safetensors"]
+ADAPTER_KINDS = [pytest.param("peft_bin", marks=pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)), "pt",
+                 "renamed_safetensors"]
 
 
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)
@@ -167,6 +171,7 @@ def test_init_lora(kind, peft_adapter, songs, tmp_path):
                    marker, name)
 
 
+@pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)
 def test_fuse_loras(peft_adapter, songs, tmp_path):
     marker = tmp_path / "marker"
     path, name = hostile_adapter("peft_bin", peft_adapter, tmp_path, marker)
