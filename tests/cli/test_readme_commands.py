@@ -21,6 +21,7 @@ of two points per flavour (the README's config table promises ``-m`` sweeps).
 from __future__ import annotations
 
 import csv
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -165,11 +166,12 @@ def test_readme_command(flavour, cmd, fmt, parse_error, base_runs, flavours, tmp
             if a.startswith("lyrics=@"):
                 (ws / a.split("@", 1)[1]).write_text("[verse]\nla la la\n[chorus]\noh oh\n", encoding="utf-8")
     before_dirs, before_files = rc.run_dirs(ws), _files(ws)
-    result = rc.run(rc.argv(cmd, args), ws, tmp_root)
+    caches = tmp_root / "caches" / f"{flavour}-{hashlib.sha1(cmd.text.encode()).hexdigest()[:8]}-{fmt}"  # fresh per command
+    result = rc.run(rc.argv(cmd, args), ws, caches)
     assert result.returncode == 0, result.explain()
     new_dirs = rc.run_dirs(ws) - before_dirs
     CHECKS[cmd.kind if not _is_resume(cmd) else "resume"](
-        result=result, ws=ws, new_dirs=new_dirs, args=args, before_files=before_files, base=base, tmp_root=tmp_root)
+        result=result, ws=ws, new_dirs=new_dirs, args=args, before_files=before_files, base=base, caches=caches)
 
 
 def _files(ws: Path) -> set[Path]:
@@ -197,8 +199,8 @@ def _check_resume(result, base, new_dirs, **kw):
     _check_train(result, new_dirs)
 
 
-def _check_preprocess(result, tmp_root, **_):
-    manifests = list((tmp_root / "feature_cache").rglob("manifest-*.json"))
+def _check_preprocess(result, caches, **_):
+    manifests = list((caches / "feature_cache").rglob("manifest-*.json"))
     assert manifests, "preprocess wrote no feature-cache manifest\n" + result.explain()
 
 
