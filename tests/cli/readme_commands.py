@@ -235,7 +235,7 @@ class Result:
         return f"$ {shlex.join(self.argv)}\nexit {self.returncode}\n{self.output[-6000:]}"
 
 
-def run(argv_: list[str], cwd: Path, tmp: Path, timeout: float = 600) -> Result:
+def run(argv_: list[str], cwd: Path, tmp: Path, timeout: float = 1800) -> Result:
     proc = subprocess.run(argv_, cwd=cwd, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
     return Result(argv_, proc.returncode, proc.stdout)
