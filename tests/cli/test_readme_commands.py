@@ -166,7 +166,8 @@ def test_readme_command(flavour, cmd, fmt, parse_error, base_runs, flavours, tmp
             if a.startswith("lyrics=@"):
                 (ws / a.split("@", 1)[1]).write_text("[verse]\nla la la\n[chorus]\noh oh\n", encoding="utf-8")
     before_dirs, before_files = rc.run_dirs(ws), _files(ws)
-    caches = tmp_root / "caches" / f"{flavour}-{hashlib.sha1(cmd.text.encode()).hexdigest()[:8]}-{fmt}"  # fresh per command
+    # A fresh feature cache per command (so that preprocess must write one).
+    caches = tmp_root / "caches" / f"{flavour}-{hashlib.sha1(cmd.text.encode()).hexdigest()[:8]}-{fmt}"
     result = rc.run(rc.argv(cmd, args), ws, caches)
     assert result.returncode == 0, result.explain()
     new_dirs = rc.run_dirs(ws) - before_dirs

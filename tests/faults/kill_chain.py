@@ -161,3 +161,19 @@ def assert_same_tree(a, b, where: str = "") -> None:
 def export_files(run_dir: Path) -> dict[str, bytes]:
     root = run_dir / "exports"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def describe_difference(a: Path, b: Path) -> str:
+    """Which metadata entries / tensors of two safetensors files differ (for the failure message)."""
+    from safetensors import safe_open
+
+    if a.suffix != ".safetensors":
+        return f"{a.name}: {a.read_bytes()[:300]!r} != {b.read_bytes()[:300]!r}"
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        ma, mb = fa.metadata() or {}, fb.metadata() or {}
+        lines = [f"{a.name} metadata {k}: {ma.get(k)!r} != {mb.get(k)!r}" for k in sorted(set(ma) | set(mb))
+                 if ma.get(k) != mb.get(k)]
+        keys = sorted(set(fa.keys()) | set(fb.keys()))
+        lines += [f"{a.name} tensor {k} differs" for k in keys
+                  if k not in fa.keys() or k not in fb.keys() or not torch.equal(fa.get_tensor(k), fb.get_tensor(k))]
+    return "\n".join(lines) or f"{a.name}: same metadata and tensors, different bytes (header order?)"

@@ -16,7 +16,8 @@ import os
 import pytest
 import torch
 
-from kill_chain import (assert_same_tree, ckpt_step, export_files, kill_plan, last_ckpt, run_chain, run_segment)
+from kill_chain import (assert_same_tree, ckpt_step, describe_difference, export_files, kill_plan, last_ckpt, run_chain,
+                        run_segment)
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +81,9 @@ def test_kill_nine_and_resume_is_bit_identical(name, songs, tmp_path):
     exports_a, exports_b = export_files(tmp_path / "reference"), export_files(tmp_path / "killed")
     assert exports_a and exports_a.keys() == exports_b.keys()
     differ = [k for k in exports_a if exports_a[k] != exports_b[k]]
-    assert not differ, f"exports differ: {differ}"
+    details = "\n".join(describe_difference(tmp_path / "reference" / "exports" / k, tmp_path / "killed" / "exports" / k)
+                        for k in differ)
+    assert not differ, f"exports differ: {differ}\n{details}\n{chain.describe()}"
 
 
 def test_kill_plan_is_seeded_and_covers_every_kind():
