@@ -32,9 +32,11 @@ import soundfile as sf
 import readme_commands as rc
 from readme_commands import FIELDS_OVERRIDE, Command, Flavour
 
-ISSUE_RESUME = "issue 8 item 2: checkpoints pickle DictConfig, weights_only loading refuses them (fix on a parallel branch)"
+ISSUE_RESUME = ("issue 8 item 2: checkpoints pickle DictConfig, weights_only loading refuses them "
+                "(fix on a parallel branch)")
 ISSUE_SWEEP = "issue 8 item 12: -m sweeps fail, hydra.sweep.dir interpolates runtime choices (fix on a parallel branch)"
-README_COMMA = ("README bug (found by this tier): the shell strips the double quotes of prompt=\"a, b\", and Hydra then "
+README_COMMA = ("README bug (found by this tier): the shell strips the double quotes of prompt=\"a, b\", "
+                "and Hydra then "
                 "reads the comma as a list ('Ambiguous value'); conf/generate.yaml says to write 'prompt=\"a, b\"'")
 ADAPTERS = {"acestep": "lora.safetensors", "peft": "peft", "comfyui": "lora_comfyui.safetensors",
             "diffsynth": "lora_diffsynth.safetensors"}

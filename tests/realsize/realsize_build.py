@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[2]
-MANIFEST_DIRS = (REPO / "acestep_train" / "checkpoints" / "manifests", REPO.parent / "shared" / "reference" / "checkpoints",
+MANIFEST_DIRS = (REPO / "acestep_train" / "checkpoints" / "manifests",
+                 REPO.parent / "shared" / "reference" / "checkpoints",
                  Path("/work/shared/reference/checkpoints"))
 DIT_MANIFEST = {"2b": "acestep-v15-2B.keys.json", "xl": "acestep-v15-XL.keys.json"}
 SHARD_BYTES = 1 << 30
