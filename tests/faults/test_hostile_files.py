@@ -181,6 +181,8 @@ def test_fuse_loras(peft_adapter, songs, tmp_path):
 
 # ---- the feature cache --------------------------------------------------------------------------------------------
 
+@pytest.mark.xfail(strict=False, reason="issue 8 item 11: a corrupt cached item aborts the run with a raw "
+                   "SafetensorError ('header too large') that names no file (fix on a parallel branch)")
 def test_cache_items(songs, tmp_path):
     """Every cached item replaced by a pickle: the run refuses them (or re-encodes them), never unpickles."""
     marker = tmp_path / "marker"
