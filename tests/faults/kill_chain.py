@@ -158,9 +158,25 @@ def assert_same_tree(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def export_files(run_dir: Path) -> dict[str, bytes]:
+def export_files(run_dir: Path) -> dict[str, object]:
+    """What an export holds: for a safetensors file its metadata and tensors (compared bit for bit), else its bytes.
+
+    Not the safetensors file's bytes: the format writes its metadata map in the writing process's hash order, so
+    two exports of the same tensors and metadata can differ in header byte order between processes.
+    """
+    from safetensors import safe_open
+
     root = run_dir / "exports"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    out: dict[str, object] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                out[str(p.relative_to(root))] = (f.metadata(), {k: f.get_tensor(k) for k in sorted(f.keys())})
+        else:
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
 
 
 def describe_difference(a: Path, b: Path) -> str:

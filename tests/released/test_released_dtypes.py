@@ -133,7 +133,8 @@ def test_one_step_validation_audio_and_exports(mode, released, data, tmp_path):
     for fmt, path in exported.items():
         again = tmp_path / "re-export" / path.name
         assert again.exists(), fmt
-    # Generating with each export on the bf16 base.
-    for fmt, path in exported.items():
+    # Generating with each export on the bf16 base. (generate applies adapters as (A, B, scale) deltas, which a
+    # DoRA adapter does not have; it says so and points to restore_adapter(), so DoRA stops at the export here.)
+    for fmt, path in exported.items() if mode == "lora" else ():
         adapter = f"adapters=[{{path: '{path}', strength: 1.0}}]"
         assert_audio(generate(model_overrides(released), tmp_path / f"with_{fmt}.wav", [adapter]))
