@@ -220,6 +220,7 @@ def env(tmp: Path) -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
     e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
+    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
     e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     return e

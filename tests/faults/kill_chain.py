@@ -34,6 +34,7 @@ def env(tmp: Path, die_at_write: int = 0) -> dict[str, str]:
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
     e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
     e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
+    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
     e["TOKENIZERS_PARALLELISM"] = "false"
     e["ACESTEP_TEST_DIE_AT_WRITE"] = str(die_at_write)
     return e

@@ -35,6 +35,7 @@ def env(tmp: Path) -> dict[str, str]:
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
     e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
     e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
+    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
     e["TOKENIZERS_PARALLELISM"] = "false"
     return e
 
@@ -104,10 +105,11 @@ def test_ckpt_path_file(songs, tmp_path):
 @pytest.mark.xfail(strict=False, reason=ISSUE_URL)
 def test_ckpt_path_url(songs, tmp_path):
     marker = tmp_path / "marker"
-    hostile_checkpoint(tmp_path / "served" / "last.ckpt", marker)
+    name = f"last-{tmp_path.name}.ckpt"  # a name no download cache can already hold
+    hostile_checkpoint(tmp_path / "served" / name, marker)
     with FileServer(tmp_path / "served") as server:
-        proc = run("acestep_train", train_args(songs, tmp_path, [f"ckpt_path={server.url('last.ckpt')}"]), tmp_path)
-    assert_refused(proc, marker, "last.ckpt")
+        proc = run("acestep_train", train_args(songs, tmp_path, [f"ckpt_path={server.url(name)}"]), tmp_path)
+    assert_refused(proc, marker, name)
 
 
 @pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)

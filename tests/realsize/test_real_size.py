@@ -96,6 +96,7 @@ def env(tmp: Path) -> dict[str, str]:
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
     e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
     e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
+    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
     e["TOKENIZERS_PARALLELISM"] = "false"
     return e
 
