@@ -27,6 +27,13 @@ class UsageError(ValueError):
     """A command-line value that cannot be used (the message says which and why)."""
 
 
+class BadInputError(RuntimeError):
+    """Base of the errors that higher layers (e.g. training's startup checks) raise for input that cannot work.
+
+    Defined here so that this module never imports those layers: inference commands use it too.
+    """
+
+
 def bad_input_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "this input cannot be used", not "this program has a bug"."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -37,9 +44,8 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from acestep_train.inference.offload import OffloadError
     from acestep_train.inference.request import RequestError
     from acestep_train.lora.inject import LoraError
-    from acestep_train.training.checks import StartupCheckError
 
-    return (UsageError, DataError, CheckpointError, LoraError, RequestError, OffloadError, StartupCheckError,
+    return (UsageError, BadInputError, DataError, CheckpointError, LoraError, RequestError, OffloadError,
             ConfigCompositionException, MissingConfigException, OverrideParseException, MissingMandatoryValue,
             ConfigKeyError, ValidationError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 

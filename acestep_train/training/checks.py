@@ -14,8 +14,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from acestep_train.cli import BadInputError
 
-class StartupCheckError(RuntimeError):
+
+class StartupCheckError(BadInputError):
     """A configuration that cannot work on this machine / in this job."""
 
 
