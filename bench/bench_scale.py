@@ -260,7 +260,7 @@ def memory_child(spec: dict) -> dict:
     from omegaconf import OmegaConf
 
     from acestep_train.training import checks
-    from acestep_train.training import train
+    from acestep_train.training import builders, train
     from acestep_train.checkpoints.variants import CONF_DIR
 
     from hydra import compose, initialize_config_dir
@@ -282,7 +282,7 @@ def memory_child(spec: dict) -> dict:
     if not cpu:
         torch.cuda.reset_peak_memory_stats()
     bundle = build_bundle(spec["size"], torch.device("cpu") if cpu else device, dtype)
-    module = train.build_module(cfg, bundle)
+    module = builders.build_module(cfg, bundle)
     weights = sum(p.numel() * p.element_size() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     c = bundle.config

@@ -234,8 +234,9 @@ def bench_b(work: Path, plan: dict, repeats: int) -> dict:
 
     import training_probes
     from acestep_train.checkpoints.loading import load_bundle
-    from acestep_train.training.preprocess import BundleEncoder
-    from acestep_train.training.train import build_datamodule, run
+    from acestep_train.training.features import BundleEncoder
+    from acestep_train.training.builders import build_datamodule
+    from acestep_train.training.train import run
     from datamodules.demo import make_demo_dataset
     from training_baselines import bare_train
 

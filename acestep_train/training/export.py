@@ -70,7 +70,7 @@ def export_full(model, silence_latent: torch.Tensor, folder: Path) -> Path:
 
 def module_from_checkpoint(ckpt: Path, config: Path | None = None):
     """Rebuild the run's module (base model from its config) and load the checkpoint's trained weights."""
-    from acestep_train.training.train import build_module
+    from acestep_train.training.builders import build_module
     from acestep_train.checkpoints.loading import load_bundle
 
     ckpt = Path(ckpt)

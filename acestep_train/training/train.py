@@ -19,48 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from acestep_train.cli import reported_errors
 from acestep_train.training import checks, memory, optimizers
-from acestep_train.training.atomic_checkpoint import AtomicCheckpointIO
+from acestep_train.training.builders import build_datamodule, build_module, build_trainer, output_dir, world_size
 from acestep_train.checkpoints.loading import load_bundle
 from acestep_train.training.module import AceStepModule
-from acestep_train.training.objective import ObjectiveConfig
-from acestep_train.training.preprocess import BundleEncoder
+from acestep_train.training.features import BundleEncoder
 from acestep_train.training.callbacks.run_record import RunRecord
-from acestep_train.training.strategies import StopOnSignal, resolve_ckpt_path, slurm_environment_plugins
+from acestep_train.training.export import export_module
+from acestep_train.training.strategies import StopOnSignal, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    return Path(OmegaConf.select(cfg, "paths.output_dir"))
-
-
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    strategy = kwargs.get("strategy")
-    if isinstance(strategy, dict):
-        kwargs["strategy"] = instantiate(strategy)
-    return L.Trainer(**kwargs, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir(cfg)),
-                     plugins=[AtomicCheckpointIO(), *slurm_environment_plugins()])
-
-
-def build_module(cfg: DictConfig, bundle) -> AceStepModule:
-    mode = cfg.mode
-    return AceStepModule(
-        bundle=bundle,
-        mode="full" if mode.name == "full" else "lora",
-        lora=None if mode.lora is None else OmegaConf.to_container(mode.lora, resolve=True),
-        optimizer=instantiate(mode.optimizer),
-        scheduler=None if mode.scheduler is None else instantiate(mode.scheduler),
-        objective=ObjectiveConfig(**OmegaConf.to_container(cfg.objective, resolve=True)),
-        gradient_checkpointing=bool(mode.gradient_checkpointing),
-        offload_activations=bool(mode.offload_activations),
-        seed=int(cfg.seed),
-        frozen_fp8=bool(mode.get("frozen_fp8", False)),
-    )
-
-
-def world_size(cfg: DictConfig) -> int:
-    return checks.device_count(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
 
 
 def run_startup_checks(cfg: DictConfig) -> None:
@@ -83,19 +50,6 @@ def _strategy_name(strategy) -> str | None:
     if strategy is None or isinstance(strategy, str):
         return strategy
     return str(strategy.get("_target_", "")).rsplit(".", 1)[-1]
-
-
-def build_datamodule(cfg: DictConfig):
-    """Instantiate ``cfg.data``; ``data.global_batch_size`` (optional) sets the per-device batch size.
-
-    Nested mappings (``data.fields``, ``data.demo``) reach the data module as plain dicts (``_convert_="all"``):
-    its hyperparameters go into every checkpoint, and a DictConfig there makes the checkpoint unloadable with
-    ``weights_only=True`` (resume, export)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    global_batch = data.pop("global_batch_size", None)
-    if global_batch:
-        data["batch_size"] = int(global_batch) // world_size(cfg)
-    return instantiate(data, _convert_="all")
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -143,8 +97,6 @@ def _run(cfg: DictConfig, out: Path, stopper: StopOnSignal) -> dict:
 
     result = {"output_dir": out}
     if trainer.is_global_zero and cfg.exports and not cfg.trainer.fast_dev_run:
-        from acestep_train.training.export import export_module
-
         result["exports"] = export_module(module, out / "exports", list(cfg.exports))
     return result
 

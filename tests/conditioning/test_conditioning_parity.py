@@ -4,7 +4,7 @@ import torch
 
 from acestep_train import load_model
 from acestep_train.training.module import AceStepModule
-from acestep_train.training.preprocess import BundleEncoder
+from acestep_train.training.features import BundleEncoder
 from acestep_train.inference import GenerationRequest
 from acestep_train.inference.conditions import build_conditions
 from datamodules.datamodule import AceStepDataModule

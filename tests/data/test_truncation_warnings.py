@@ -15,7 +15,7 @@ from acestep_train import load_model
 from acestep_train.conditioning.text import encode_text_conditions
 from acestep_train.models.text_encoder import TextEncoder
 from acestep_train.models.tiny_tokenizer import TINY_QWEN3_CONFIG, build_tiny_tokenizer
-from acestep_train.training.preprocess import BundleEncoder
+from acestep_train.training.features import BundleEncoder
 from datamodules.cache import build_cache
 from datamodules.metadata import load_metadata
 

@@ -9,7 +9,7 @@ import torch
 
 from acestep_train import load_model
 from acestep_train.training import optimizers
-from acestep_train.training.train import build_module
+from acestep_train.training.builders import build_module
 from datamodules.batch import Batch
 from train_helpers import compose_train
 
