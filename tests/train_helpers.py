@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from acestep_train.checkpoints.variants import CONF_DIR
+from datamodules.batch import Batch
 
 
 def compose_train(run_dir: Path, overrides: list[str]) -> DictConfig:
@@ -55,3 +56,21 @@ class StopAtStep:
                     trainer.should_stop = True
 
         return _Stop()
+
+
+ATTN_MLP = r"layers\.\d+\.((self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+
+
+def batch_of(x0, frames_valid, lengths, text, lyric):
+    b = len(lengths)
+    mask = torch.zeros(b, x0.shape[1], dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    return Batch(latents=x0 * mask[..., None], latent_mask=mask, text_hidden=text, text_mask=torch.ones(
+        text.shape[:2], dtype=torch.bool), lyric_embeds=lyric, lyric_mask=torch.ones(lyric.shape[:2], dtype=torch.bool),
+        ids=[f"item{i}" for i in range(b)])
+
+
+def demo_batch():
+    torch.manual_seed(1)
+    return batch_of(torch.randn(2, 30, 8), 30, [30, 22], torch.randn(2, 10, 32), torch.randn(2, 14, 32))

@@ -10,7 +10,7 @@ import torch
 
 from acestep_train import load_model
 from acestep_train.inference import GenerationRequest, Sampler
-from test_sampling_parity import compare, ds_pipeline
+from diffsynth_pipeline import compare, ds_pipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

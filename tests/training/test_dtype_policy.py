@@ -7,7 +7,7 @@ import torch
 from acestep_train import load_model
 from acestep_train.training.dtype_policy import DtypePolicy
 from acestep_train.training.module import AceStepModule
-from test_train import ATTN_MLP, _demo_batch
+from train_helpers import ATTN_MLP, demo_batch as _demo_batch
 
 LORA = dict(rank=4, alpha=4, targets=ATTN_MLP)
 

@@ -9,11 +9,10 @@ import torch
 from acestep_train import load_model
 from acestep_train.training.module import AceStepModule
 from acestep_train.training.objective import ObjectiveConfig
-from datamodules.batch import Batch
 from datamodules.demo import make_demo_dataset
+from train_helpers import ATTN_MLP, batch_of as _batch, demo_batch as _demo_batch
 from train_helpers import run_train, tiny_overrides, trained_state
 
-ATTN_MLP = r"layers\.\d+\.((self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
 
 @pytest.fixture(scope="module")
@@ -64,16 +63,6 @@ def test_resume_is_bit_exact(data, tmp_path):
     assert losses(tmp_path / "a")[2:] == losses(tmp_path / "c")
 
 
-def _batch(x0, frames_valid, lengths, text, lyric):
-    b = len(lengths)
-    mask = torch.zeros(b, x0.shape[1], dtype=torch.bool)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = True
-    return Batch(latents=x0 * mask[..., None], latent_mask=mask, text_hidden=text, text_mask=torch.ones(
-        text.shape[:2], dtype=torch.bool), lyric_embeds=lyric, lyric_mask=torch.ones(lyric.shape[:2], dtype=torch.bool),
-        ids=[f"item{i}" for i in range(b)])
-
-
 def _loss(module, batch, generator):
     return module.objective(module.model, module.silence_latent, batch, generator).loss
 
@@ -111,11 +100,6 @@ def _train_steps(module, batch, n=3):
         opt.zero_grad()
         loss.backward()
         opt.step()
-
-
-def _demo_batch():
-    torch.manual_seed(1)
-    return _batch(torch.randn(2, 30, 8), 30, [30, 22], torch.randn(2, 10, 32), torch.randn(2, 14, 32))
 
 
 def test_lora_mode_trains_only_adapters():
