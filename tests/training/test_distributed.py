@@ -38,7 +38,7 @@ CLIP_SECONDS = [1.5, 2.0, 2.3, 2.6, 2.8, 3.0]  # different lengths: ranks get di
 
 def subprocess_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS), str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_"))]:
         del env[key]  # never inherit an allocation: Lightning would take the SLURM path
