@@ -32,12 +32,6 @@ import soundfile as sf
 import readme_commands as rc
 from readme_commands import FIELDS_OVERRIDE, Command, Flavour
 
-ISSUE_RESUME = ("issue 8 item 2: checkpoints pickle DictConfig, weights_only loading refuses them "
-                "(fix on a parallel branch)")
-ISSUE_SWEEP = "issue 8 item 12: -m sweeps fail, hydra.sweep.dir interpolates runtime choices (fix on a parallel branch)"
-README_COMMA = ("README bug (found by this tier): the shell strips the double quotes of prompt=\"a, b\", "
-                "and Hydra then "
-                "reads the comma as a list ('Ambiguous value'); conf/generate.yaml says to write 'prompt=\"a, b\"'")
 ADAPTERS = {"acestep": "lora.safetensors", "peft": "peft", "comfyui": "lora_comfyui.safetensors",
             "diffsynth": "lora_diffsynth.safetensors"}
 
@@ -56,19 +50,9 @@ def _collect() -> list:
             adapters = list(ADAPTERS) if any(a.startswith("adapters=") for a in cmd.args) else [None]
             for fmt in adapters:
                 marks = []
-                if _is_resume(cmd) or cmd.kind == "export":
-                    marks.append(pytest.mark.xfail(strict=False, reason=ISSUE_RESUME))
-                if "-m" not in cmd.args and any(_unquoted_comma(a) for a in cmd.args):
-                    marks.append(pytest.mark.xfail(strict=False, reason=README_COMMA))
                 pid = f"{flavour}-{i:02d}-{_kind(cmd)}" + (f"-{fmt}" if fmt else "")
                 params.append(pytest.param(flavour, cmd, fmt, None, id=pid, marks=marks))
     return params
-
-
-def _unquoted_comma(arg: str) -> bool:
-    """``key=a, b`` as the shell hands it over: Hydra needs the value quoted (``key="a, b"``)."""
-    key, _, value = arg.partition("=")
-    return bool(value) and "," in value and value[0] not in "\"'[{" and not key.startswith("-")
 
 
 def _is_resume(cmd: Command) -> bool:
@@ -237,7 +221,6 @@ CHECKS = {"train": _check_train, "resume": _check_resume, "preprocess": _check_p
 
 # ---- beyond the README's code blocks: a -m sweep ----------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason=ISSUE_SWEEP)
 @pytest.mark.parametrize("flavour", ["default", "fields"])
 def test_multirun_sweep(flavour, flavours, tmp_root, base_runs):
     """``python -m acestep_train -m ... mode.lora.rank=2,4``: two runs, each with its checkpoint and exports."""

@@ -23,10 +23,6 @@ from hostile_payloads import FileServer, hostile_checkpoint, hostile_tensor_file
 
 REPO = Path(__file__).resolve().parents[2]
 SUB = "acestep-v15-turbo"
-ISSUE_URL = ("issue 8 item 3: ckpt_path=http://... is loaded by Lightning with weights_only=False "
-             "(fix on a parallel branch)")
-ISSUE_MESSAGE = ("issue 8 item 11: refused safely, but as a raw traceback (UnpicklingError) that does not name the "
-                 "file (fix on a parallel branch)")
 ATTENTION = r"layers\.\d+\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)"
 
 
@@ -102,7 +98,6 @@ def test_ckpt_path_file(songs, tmp_path):
                    "last.ckpt")
 
 
-@pytest.mark.xfail(strict=False, reason=ISSUE_URL)
 def test_ckpt_path_url(songs, tmp_path):
     marker = tmp_path / "marker"
     name = f"last-{tmp_path.name}.ckpt"  # a name no download cache can already hold
@@ -112,7 +107,6 @@ def test_ckpt_path_url(songs, tmp_path):
     assert_refused(proc, marker, name)
 
 
-@pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)
 def test_export_checkpoint(tmp_path):
     from train_helpers import compose_train
 
@@ -153,7 +147,7 @@ def hostile_adapter(kind: str, peft_adapter: Path, tmp: Path, marker: Path) -> t
     return hostile_tensor_file(tmp / "evil_lora.safetensors", marker), "evil_lora.safetensors"
 
 
-ADAPTER_KINDS = [pytest.param("peft_bin", marks=pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)), "pt",
+ADAPTER_KINDS = ["peft_bin", "pt",
                  "renamed_safetensors"]
 
 
@@ -173,7 +167,6 @@ def test_init_lora(kind, peft_adapter, songs, tmp_path):
                    marker, name)
 
 
-@pytest.mark.xfail(strict=False, reason=ISSUE_MESSAGE)
 def test_fuse_loras(peft_adapter, songs, tmp_path):
     marker = tmp_path / "marker"
     path, name = hostile_adapter("peft_bin", peft_adapter, tmp_path, marker)
@@ -183,8 +176,6 @@ def test_fuse_loras(peft_adapter, songs, tmp_path):
 
 # ---- the feature cache --------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="issue 8 item 11: a corrupt cached item aborts the run with a raw "
-                   "SafetensorError ('header too large') that names no file (fix on a parallel branch)")
 def test_cache_items(songs, tmp_path):
     """Every cached item replaced by a pickle: the run refuses them (or re-encodes them), never unpickles."""
     marker = tmp_path / "marker"

@@ -21,8 +21,6 @@ from kill_chain import (assert_same_tree, ckpt_step, describe_difference, export
 
 pytestmark = pytest.mark.slow
 
-ISSUE_RESUME = ("issue 8 item 2: checkpoints pickle DictConfig, weights_only resume refuses them "
-                "(fix on a parallel branch)")
 EVERY_STEP = "callbacks.model_checkpoint.every_n_train_steps=1"
 SEED = int(os.environ.get("ACESTEP_KILL_SEED", "8"))
 
@@ -52,8 +50,8 @@ def config(name: str, songs) -> list[str]:
             EVERY_STEP]
 
 
-CONFIGS = [pytest.param("default", marks=pytest.mark.xfail(strict=False, reason=ISSUE_RESUME)),
-           pytest.param("fields", marks=pytest.mark.xfail(strict=False, reason=ISSUE_RESUME)),
+CONFIGS = ["default",
+           "fields",
            pytest.param("plain_audio")]
 
 

@@ -18,7 +18,6 @@ import pytest
 import soundfile as sf
 import torch
 from hydra import compose, initialize_config_dir
-from safetensors import safe_open
 
 from acestep_train import load_model
 from acestep_train.checkpoints.loading import save_released_layout
@@ -26,8 +25,6 @@ from acestep_train.checkpoints.variants import CONF_DIR
 from train_helpers import run_train, tiny_overrides
 
 SUB = "acestep-v15-turbo"
-ISSUE_FULL_BF16 = ("issue 8 item 1: mode=full upcasts the DiT to fp32 while the sampler takes the bf16 dtype of the "
-                   "first parameter -> dtype mismatch at the validation audio (fix on a parallel branch)")
 VALIDATION_PROMPT = '[{prompt: "warm synth pad", lyrics: "[instrumental]", duration: 2, seed: 1}]'
 
 
@@ -98,7 +95,7 @@ def test_generate(released, tmp_path):
 
 
 MODES = [pytest.param("lora", id="lora"), pytest.param("dora", id="dora"),
-         pytest.param("full", id="full", marks=pytest.mark.xfail(strict=False, reason=ISSUE_FULL_BF16))]
+         "full"]
 
 
 @pytest.mark.parametrize("mode", MODES)
