@@ -74,3 +74,24 @@ def batch_of(x0, frames_valid, lengths, text, lyric):
 def demo_batch():
     torch.manual_seed(1)
     return batch_of(torch.randn(2, 30, 8), 30, [30, 22], torch.randn(2, 10, 32), torch.randn(2, 14, 32))
+
+
+class FakeTrainer:
+    """Just what StopOnSignal touches, for one process."""
+
+    def __init__(self, root: Path):
+        self.global_step, self.global_rank, self.is_global_zero = 5, 0, True
+        self.default_root_dir = str(root)
+        self.saved: list[str] = []
+        self.strategy = self
+
+    def reduce_boolean_decision(self, decision, all=True):
+        return decision
+
+    def broadcast(self, obj, src=0):
+        return obj
+
+    def save_checkpoint(self, path):
+        self.saved.append(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(b"")

@@ -24,20 +24,15 @@ from pathlib import Path
 
 import torch
 
+from user_env import user_env
+
 REPO = Path(__file__).resolve().parents[2]
 DIE_IN_WRITE = Path(__file__).resolve().with_name("die_in_checkpoint_write.py")
 STEP_FILE = re.compile(r"step_(\d+)\.ckpt$")
 
 
 def env(tmp: Path, die_at_write: int = 0) -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
-    e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
-    e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
-    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
-    e["TOKENIZERS_PARALLELISM"] = "false"
-    e["ACESTEP_TEST_DIE_AT_WRITE"] = str(die_at_write)
-    return e
+    return user_env(tmp, ACESTEP_TEST_DIE_AT_WRITE=str(die_at_write))
 
 
 def kill_plan(seed: int, max_step: int) -> list[tuple]:

@@ -9,7 +9,6 @@ The payload is proven live first (negative control): ``torch.load(weights_only=F
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -21,19 +20,15 @@ from omegaconf import OmegaConf
 
 from hostile_payloads import FileServer, hostile_checkpoint, hostile_tensor_file
 
+from user_env import user_env
+
 REPO = Path(__file__).resolve().parents[2]
 SUB = "acestep-v15-turbo"
 ATTENTION = r"layers\.\d+\.(self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)"
 
 
 def env(tmp: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
-    e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
-    e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
-    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
-    e["TOKENIZERS_PARALLELISM"] = "false"
-    return e
+    return user_env(tmp)
 
 
 def run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -32,6 +32,8 @@ import soundfile as sf
 
 from realsize_build import build_components, build_dit
 
+from user_env import user_env
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.realsize,
               pytest.mark.skipif(os.environ.get("ACESTEP_REALSIZE") != "1",
@@ -92,13 +94,7 @@ def songs(tmp_path_factory) -> Path:
 
 
 def env(tmp: Path) -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
-    e["ACESTEP_DATA_CACHE"] = str(tmp / "feature_cache")
-    e["ACESTEP_MODEL_CACHE"] = str(tmp / "model_cache")
-    e["TORCH_HOME"] = str(tmp / "torch_home")  # torch.hub caches URL downloads there
-    e["TOKENIZERS_PARALLELISM"] = "false"
-    return e
+    return user_env(tmp)
 
 
 def measure(what: str, module: str, args: list[str], cwd: Path) -> dict:

@@ -31,6 +31,8 @@ import lightning as L
 import pytest
 import torch
 
+from train_helpers import FakeTrainer as _FakeTrainer
+
 REPO = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent  # the probe callbacks below are imported by name in the training processes
@@ -331,27 +333,6 @@ def test_resolve_ckpt_path(tmp_path):
     other.mkdir()
     (other / "last.ckpt").write_bytes(b"")
     assert resolve_ckpt_path("auto", tmp_path, checkpoint_dir=other) == str(other / "last.ckpt")
-
-
-class _FakeTrainer:
-    """Just what StopOnSignal touches, for one process."""
-
-    def __init__(self, root: Path):
-        self.global_step, self.global_rank, self.is_global_zero = 5, 0, True
-        self.default_root_dir = str(root)
-        self.saved: list[str] = []
-        self.strategy = self
-
-    def reduce_boolean_decision(self, decision, all=True):
-        return decision
-
-    def broadcast(self, obj, src=0):
-        return obj
-
-    def save_checkpoint(self, path):
-        self.saved.append(path)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(b"")
 
 
 def test_slurm_requeue_callback(tmp_path, monkeypatch):

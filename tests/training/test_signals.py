@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from train_helpers import FakeTrainer as _FakeTrainer
+
 REPO = Path(__file__).resolve().parents[2]
 QUICK = ["callbacks.validation_audio=null", "trainer.enable_progress_bar=false", "logger=[csv]", "exports=[acestep]"]
 STEPS_PER_EPOCH = 4  # the demo data: 8 clips, batch 2
@@ -104,24 +106,3 @@ def test_stop_on_signal_in_process(tmp_path, monkeypatch):
     finally:
         cb.restore()
     assert {s: signal.getsignal(s) for s in previous} == previous
-
-
-class _FakeTrainer:
-    """Just what StopOnSignal touches, for one process."""
-
-    def __init__(self, root: Path):
-        self.global_step, self.global_rank, self.is_global_zero = 5, 0, True
-        self.default_root_dir = str(root)
-        self.saved: list[str] = []
-        self.strategy = self
-
-    def reduce_boolean_decision(self, decision, all=True):
-        return decision
-
-    def broadcast(self, obj, src=0):
-        return obj
-
-    def save_checkpoint(self, path):
-        self.saved.append(path)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(b"")
