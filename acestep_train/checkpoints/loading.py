@@ -132,11 +132,17 @@ def build_acestep_model(arch: AceStepConfig, folder: Path | None = None, dtype: 
     return model
 
 
-def save_acestep_model(model: AceStepModel, folder: Path, max_shard_bytes: int | None = None) -> list[Path]:
-    """Write ``model.safetensors`` (or ``model-0000N-of-0000M.safetensors`` shards) + ``config.json``."""
+def save_acestep_model(model: AceStepModel, folder: Path, max_shard_bytes: int | None = None,
+                       dtype: torch.dtype | None = None) -> list[Path]:
+    """Write ``model.safetensors`` (or ``model-0000N-of-0000M.safetensors`` shards) + ``config.json``.
+
+    ``dtype``: cast every floating tensor to it (a full fine-tune trains float32 masters of a bf16 release; the
+    export goes back to the released dtype so that every tool loads it as it loads the original)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = model.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, v in sd.items():

@@ -38,7 +38,7 @@ def export_module(module, out_dir: str | Path, formats: list[str], steps: int | 
     bundle = module.bundle
     if module.mode == "full":
         folder = out_dir / f"{bundle.name}-full-finetune"
-        export_full(module.model, bundle.silence_latent, folder)
+        export_full(module.model, bundle.silence_latent, folder, dtype=module.dtypes.released)
         log.info("exported the fine-tuned checkpoint to %s", folder)
         return {"full": folder}
 
@@ -62,8 +62,9 @@ def export_module(module, out_dir: str | Path, formats: list[str], steps: int | 
     return written
 
 
-def export_full(model, silence_latent: torch.Tensor, folder: Path) -> Path:
-    save_acestep_model(model, folder)
+def export_full(model, silence_latent: torch.Tensor, folder: Path, dtype: torch.dtype | None = None) -> Path:
+    """The fine-tuned model in the released layout, every tensor in ``dtype`` (the dtype it was loaded in)."""
+    save_acestep_model(model, folder, dtype=dtype)
     save_silence_latent(silence_latent, folder / SILENCE_LATENT_FILE)
     return folder
 
