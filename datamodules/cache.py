@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -321,10 +321,14 @@ def _write_manifest(
     for p in planned:
         file = cache_dir / p.file
         if file.exists():
-            with safe_open(str(file), framework="pt") as f:
-                shapes = {k: f.get_slice(k).get_shape() for k in TENSOR_KEYS}
-                duration = float(f.metadata()["duration"])
-                notes = json.loads(f.metadata().get("warnings", "[]"))
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    shapes = {k: f.get_slice(k).get_shape() for k in TENSOR_KEYS}
+                    duration = float(f.metadata()["duration"])
+                    notes = json.loads(f.metadata().get("warnings", "[]"))
+            except (SafetensorError, OSError, KeyError, ValueError) as e:  # a damaged or foreign file: never guess
+                raise DataError(f"row {p.record.row} ({p.record.id}): cached item {file} cannot be read ({e}); "
+                                "delete it (or the cache folder) to encode it again") from e
             truncated = p.info.truncation_note()
             notes = ([truncated] if truncated else []) + notes
             warnings += [{"id": p.record.id, "row": p.record.row, "repeat": p.record.repeat, "problem": note}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import hydra
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from acestep_train.cli import reported_errors
 from acestep_train.training import checks, memory, optimizers
+from acestep_train.training.checks import StartupCheckError
 from acestep_train.training.builders import build_datamodule, build_module, build_trainer, output_dir, world_size
 from acestep_train.checkpoints.loading import load_bundle
 from acestep_train.training.module import AceStepModule
@@ -92,7 +94,11 @@ def _run(cfg: DictConfig, out: Path, stopper: StopOnSignal) -> dict:
     trainer = build_trainer(cfg, callbacks, loggers)
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, out, OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath"))
     # weights_only: a checkpoint is plain data (AtomicCheckpointIO checks it), so no pickle code ever runs on resume.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except pickle.UnpicklingError as e:  # only the checkpoint is unpickled during fit (the data is safetensors)
+        raise StartupCheckError(f"ckpt_path={ckpt_path}: not a plain-data checkpoint of this project, refused "
+                                f"without running its code ({str(e).splitlines()[0]})") from e
     encoder.release()
 
     result = {"output_dir": out}

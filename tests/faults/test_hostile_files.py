@@ -58,7 +58,7 @@ def songs(tmp_path_factory):
 def peft_adapter(tmp_path_factory) -> Path:
     """A genuine PEFT folder from the tiny model (its adapter_config.json is what a user would have)."""
     from acestep_train import load_model
-    from acestep_train.lora.formats import export_lora
+    from acestep_train.lora import export_lora
     from acestep_train.lora.inject import apply_lora
 
     decoder = load_model("tiny").model.decoder

@@ -108,6 +108,7 @@ def build_dit(folder: Path, variant: str) -> Path:
     cfg = OmegaConf.to_container(model_config(variant), resolve=True)
     size = "xl" if variant.startswith("xl-") else "2b"
     write_sharded(manifest(DIT_MANIFEST[size]), folder, "model", torch.bfloat16, seed=1)
-    (folder / "config.json").write_text(json.dumps(arch_from_cfg(cfg["arch"]).to_dict(), indent=2) + "\n")
-    write_silence_latent(folder, cfg["arch"]["audio_acoustic_hidden_dim"])
+    arch = arch_from_cfg(cfg["arch"])  # the variant YAML holds only the fields that differ from the defaults
+    write_silence_latent(folder, arch.audio_acoustic_hidden_dim)
+    (folder / "config.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")  # last: marks a complete build
     return folder

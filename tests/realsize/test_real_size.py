@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def env(tmp: Path) -> dict[str, str]:
 
 def measure(what: str, module: str, args: list[str], cwd: Path) -> dict:
     """Run ``python -m module args`` as its own process; wall time and that process's peak RSS (``wait4``)."""
-    log_path = cwd / f"{what.replace(' ', '_')}.log"
+    log_path = cwd / (re.sub(r"[^\w.=-]+", "_", what) + ".log")  # overrides such as mode/optimizer=... hold "/"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env(cwd), stdout=log,
