@@ -28,6 +28,7 @@ formats only, as canonical tensors plus a :class:`~.inject.LoraSpec` (:func:`rea
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -165,7 +166,11 @@ def _read_peft_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     if weights_path.suffix == ".safetensors":
         state, meta = _read_safetensors(weights_path)
     else:
-        state, meta = torch.load(weights_path, map_location="cpu", weights_only=True), {}
+        try:  # weights_only: a pickle holding code is refused, never run
+            state, meta = torch.load(weights_path, map_location="cpu", weights_only=True), {}
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            raise LoraError(f"{weights_path}: not a plain tensor file, refused without running its code "
+                            f"({str(e).strip().splitlines()[0]})") from None
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
     return config, state, meta
 
