@@ -8,7 +8,7 @@ wall time and peak RSS (and any memory estimate the command printed).
 
 Knobs (environment): ``ACESTEP_REALSIZE_SIZES`` (``2b,xl``), ``ACESTEP_REALSIZE_TRAINER`` (default ``trainer=gpu``
 with CUDA, else ``trainer=cpu``), ``ACESTEP_REALSIZE_OPTIMIZER`` (the full step's optimizer override, default
-``mode.optimizer._target_=torch.optim.Adafactor``), ``ACESTEP_REALSIZE_REPORT`` (a JSON-lines file the results are
+``mode/optimizer=adafactor``), ``ACESTEP_REALSIZE_REPORT`` (a JSON-lines file the results are
 appended to), ``ACESTEP_REALSIZE_DIR`` (where the ~7 GB (2B) / ~17 GB (2B+XL) of folders are built; default the
 test's temporary folder).
 
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.realsize,
                                  reason="real-size tier is opt-in: --run-realsize or ACESTEP_REALSIZE=1")]
 VARIANT = {"2b": "turbo", "xl": "xl-turbo"}
 SIZES = [s.strip() for s in os.environ.get("ACESTEP_REALSIZE_SIZES", "2b,xl").split(",") if s.strip()]
-OPTIMIZER = shlex.split(os.environ.get("ACESTEP_REALSIZE_OPTIMIZER", "mode.optimizer._target_=torch.optim.Adafactor"))
+OPTIMIZER = shlex.split(os.environ.get("ACESTEP_REALSIZE_OPTIMIZER", "mode/optimizer=adafactor"))
 
 
 def trainer() -> list[str]:
