@@ -1,7 +1,7 @@
 """Reference training loops that ``bench_training.py`` times our pipeline against. Plain PyTorch, no Lightning.
 
 * :func:`diffsynth_style_train`: what DiffSynth-Studio's ACE-Step trainer does per step
-  (``examples/ace_step/model_training/train.py`` + ``diffsynth/diffusion/{runner,loss}.py``; ``training.md`` §4):
+  (``examples/ace_step/model_training/train.py`` + ``diffsynth/diffusion/{runner,loss}.py``; ``docs/training.md`` §4):
   batch 1 (``collate_fn=lambda x: x[0]``), the audio file decoded and resampled to 48 kHz in the dataset every step,
   VAE encode with a posterior ``.sample()``, the text encoder (caption prompt, full pass) and lyric embeddings, the
   frozen condition encoder with ``silence_latent[:, :750]`` as timbre, silence context + all-ones chunk mask, one t
@@ -72,7 +72,7 @@ class _AudioRows(Dataset):
 
 
 def diffsynth_shift3_table(n: int = 1000, shift: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """DiffSynth's training sigmas and per-sigma loss weights (``training.md`` §2)."""
+    """DiffSynth's training sigmas and per-sigma loss weights (``docs/training.md`` §2)."""
     s = torch.linspace(1.0, 0.0, n + 1)[:-1]
     sigma = shift * s / (1 + (shift - 1) * s)
     y = torch.exp(-2 * ((sigma * n - n / 2) / n) ** 2)

@@ -43,7 +43,7 @@ def load_audio(path) -> torch.Tensor:
     channel layout, so we take the first two channels as front left/right (the WAV/FLAC convention) and mix
     every further channel equally into both sides, averaging rather than summing so the peak level stays
     within the inputs' range (no clipping; a 6-channel file comes out somewhat quieter). The official
-    pipeline instead keeps the first two channels and drops the rest (pipeline.md §2.5), which loses e.g. the
+    pipeline instead keeps the first two channels and drops the rest (docs/pipeline.md §2.5), which loses e.g. the
     centre (dialogue/vocals) channel of a 5.1 mix.
 
     Raises:

@@ -362,7 +362,7 @@ def _plan_digest(planned: list[_Planned], plan_skipped: list[tuple[Record, str]]
 
 
 def _warn_about_crops(planned: list[_Planned], max_duration: float | None) -> None:
-    """Cropping keeps whole-song lyrics (training.md §9.5); say how many items that affects."""
+    """Cropping keeps whole-song lyrics (docs/training.md §9.5); say how many items that affects."""
     affected = [p for p in planned if p.cropped and p.record.lyrics.strip().lower() not in _NO_LYRICS]
     if affected:
         log.warning(

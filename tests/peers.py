@@ -87,7 +87,7 @@ def _rename_diffusers(key: str, conv: bool) -> str:
 
 
 def _encoder_kwargs(cfg: AceStepConfig) -> dict:
-    """Encoder-width block sizes, as the official ``encoder_config`` copy (architecture.md §3)."""
+    """Encoder-width block sizes, as the official ``encoder_config`` copy (docs/architecture.md §3)."""
     return cfg.encoder_block_kwargs()
 
 

@@ -169,7 +169,7 @@ def save_acestep_model(model: AceStepModel, folder: Path, max_shard_bytes: int |
 
 @dataclass
 class SamplingDefaults:
-    """How a variant is sampled when the request does not say (``pipeline.md`` §5)."""
+    """How a variant is sampled when the request does not say (``docs/pipeline.md`` §5)."""
 
     steps: int = 8
     schedule: str = "turbo"  # turbo (official 8-step tables) | linear (linspace + shift) | continuous

@@ -1,4 +1,4 @@
-"""Exact ACE-Step 1.5 text templates (``pipeline.md`` §4.2–4.4): caption prompt, metas string, lyric prompt and
+"""Exact ACE-Step 1.5 text templates (``docs/pipeline.md`` §4.2–4.4): caption prompt, metas string, lyric prompt and
 task instructions. Identical in the official pipeline and DiffSynth; ``<|endoftext|>`` is literal template text.
 Missing metas render as ``N/A`` (official behaviour; DiffSynth prints ``None``).
 """

@@ -1,7 +1,7 @@
 """Text conditioning shared by the sampler and training, so the two cannot build prompts differently.
 
 Per item: caption prompt = ``SFT_GEN_PROMPT`` (instruction, caption, metas string) → full Qwen3 pass;
-lyric prompt = ``LYRIC_GEN_PROMPT`` (language, lyrics) → ``embed_tokens`` only (``pipeline.md`` §4).
+lyric prompt = ``LYRIC_GEN_PROMPT`` (language, lyrics) → ``embed_tokens`` only (``docs/pipeline.md`` §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``<|audio_code_N|>`` strings (``pipeline.md`` §3.4): 5 Hz FSQ code indices, one per 5 latent frames."""
+"""``<|audio_code_N|>`` strings (``docs/pipeline.md`` §3.4): 5 Hz FSQ code indices, one per 5 latent frames."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Per item: caption prompt (instruction, caption, metas) and lyric prompt through
 :func:`acestep_train.conditioning.text.encode_text_conditions`, timbre from reference latents (``[n, 750, 64]`` per item;
 ``silence_latent[:750]`` when there is none, as both upstream pipelines do), then ``model.encoder`` packs
-``[lyrics | timbre | caption | padding]`` (``architecture.md`` §5).
+``[lyrics | timbre | caption | padding]`` (``docs/architecture.md`` §5).
 """
 
 from __future__ import annotations

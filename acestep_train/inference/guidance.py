@@ -1,4 +1,4 @@
-"""Guidance: combine the conditional and unconditional velocities (``pipeline.md`` §5.5).
+"""Guidance: combine the conditional and unconditional velocities (``docs/pipeline.md`` §5.5).
 
 Velocities are ``[B, T, C]`` (time axis 1). The unconditional branch is the DiT run on ``null_condition_emb``
 expanded over each item's packed condition sequence; the sampler runs both branches in one batched forward.
@@ -8,7 +8,7 @@ expanded over each item's packed condition sequence; the sampler runs both branc
   the difference scaled so that its L2 norm over the time axis is at most 2.5 (per batch item and channel), then
   split in float64 into the parts parallel and orthogonal to ``v_c`` (normalised over time) and
   ``v = v_c + (s-1)·(orth + eta·par)`` with eta 0.
-* ``adg`` (official optional "angle-based dynamic guidance"), implemented from the formulas in ``pipeline.md``
+* ``adg`` (official optional "angle-based dynamic guidance"), implemented from the formulas in ``docs/pipeline.md``
   §5.5; not verified against the official code.
 
 Guidance is applied only when ``interval[0] <= t <= interval[1]`` (official ``cfg_interval_start/end``); outside it

@@ -1,4 +1,4 @@
-"""Timestep schedules of the flow-matching sampler (``pipeline.md`` §5.2–5.4, §6.5–6.6).
+"""Timestep schedules of the flow-matching sampler (``docs/pipeline.md`` §5.2–5.4, §6.5–6.6).
 
 A schedule is the list of t values at which the DiT is evaluated, from noise (t near 1) downwards; step i goes
 from ``t[i]`` to ``t[i+1]`` and the last step goes to 0 (``x0 = x_t - t·v``).

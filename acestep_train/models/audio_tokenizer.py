@@ -1,6 +1,6 @@
 """Audio tokenizer (25 Hz latents -> 5 Hz FSQ codes) and detokenizer (codes -> 25 Hz hint latents).
 
-Checkpoint prefixes ``tokenizer.`` and ``detokenizer.``; ``architecture.md`` §6, ``pipeline.md`` §3. The
+Checkpoint prefixes ``tokenizer.`` and ``detokenizer.``; ``docs/architecture.md`` §6, ``docs/pipeline.md`` §3. The
 quantiser is ``vector_quantize_pytorch.ResidualFSQ`` built with the same three arguments as the official code.
 """
 

@@ -1,5 +1,5 @@
 """Condition encoder (checkpoint prefix ``encoder.``): caption projector, lyric encoder, timbre encoder and
-the packing of the three into one condition sequence (``architecture.md`` §5)."""
+the packing of the three into one condition sequence (``docs/architecture.md`` §5)."""
 
 from __future__ import annotations
 

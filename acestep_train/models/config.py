@@ -13,7 +13,7 @@ from typing import Any
 class AceStepConfig:
     """Architecture of the DiT, condition encoder and audio (de)tokenizer.
 
-    Defaults are the released 2B values (``architecture.md`` §2.2). XL overrides the DiT width/depth and sets
+    Defaults are the released 2B values (``docs/architecture.md`` §2.2). XL overrides the DiT width/depth and sets
     the ``encoder_*`` fields so that the encoder, tokenizer and detokenizer stay 2048 wide.
     """
 

@@ -1,4 +1,4 @@
-"""The ACE-Step 1.5 diffusion transformer (checkpoint prefix ``decoder.``), ``architecture.md`` §4."""
+"""The ACE-Step 1.5 diffusion transformer (checkpoint prefix ``decoder.``), ``docs/architecture.md`` §4."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the DiT and the encoder-width blocks of ACE-Step 1.5.
 
-Numerics follow the released model (Qwen3-style blocks, ``architecture.md`` §4.3–4.6): RMSNorm in fp32, RoPE
+Numerics follow the released model (Qwen3-style blocks, ``docs/architecture.md`` §4.3–4.6): RMSNorm in fp32, RoPE
 applied after the per-head q/k norm, GQA, bidirectional attention with an optional ``|i - j| <= window`` band.
 Unlike the reference we honour key-padding masks whenever one is given, so padded batches train correctly;
 with no mask the computation is the reference one.

@@ -1,10 +1,10 @@
-"""Text encoder: Qwen3-Embedding-0.6B (transformers ``Qwen3Model``) plus its tokenizer (``pipeline.md`` §4).
+"""Text encoder: Qwen3-Embedding-0.6B (transformers ``Qwen3Model``) plus its tokenizer (``docs/pipeline.md`` §4).
 
 Captions go through the whole model (``last_hidden_state``, no pooling, no normalisation); lyrics only through
 ``embed_tokens`` (the DiT's own lyric encoder processes them). The model is frozen in ACE-Step training, so both
 calls run under ``torch.no_grad()``.
 
-Special tokens are whatever the loaded tokenizer adds (``pipeline.md`` §10 q6): we never add or strip any by hand.
+Special tokens are whatever the loaded tokenizer adds (``docs/pipeline.md`` §10 q6): we never add or strip any by hand.
 Padding is forced to the right: Qwen3 is causal, so with right padding every real token sees exactly what it
 would see unpadded (same positions, same context) and a caption's encoding does not depend on its batch-mates.
 """
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3Config, Qwen3Model
 
-# Qwen3-Embedding-0.6B architecture (pipeline.md §4.1; DiffSynth AceStepTextEncoder uses the same values).
+# Qwen3-Embedding-0.6B architecture (docs/pipeline.md §4.1; DiffSynth AceStepTextEncoder uses the same values).
 RELEASED_QWEN3_CONFIG: dict[str, Any] = {
     "vocab_size": 151669,
     "hidden_size": 1024,

@@ -1,7 +1,7 @@
 """An offline byte-level tokenizer and matching tiny Qwen3 config, for tests and the tiny model.
 
 Every UTF-8 byte is one token (256 tokens, no merges), plus ``<|endoftext|>`` as a single special token used
-as pad and eos, so the literal ``<|endoftext|>`` in the prompt templates (``pipeline.md`` §4.2) is one token,
+as pad and eos, so the literal ``<|endoftext|>`` in the prompt templates (``docs/pipeline.md`` §4.2) is one token,
 as it is for the real Qwen3 tokenizer. Built from scratch with ``tokenizers``: nothing is downloaded.
 """
 

@@ -1,6 +1,6 @@
 """Audio VAE: diffusers ``AutoencoderOobleck`` plus ACE-Step's posterior sampling and overlap-discard tiling.
 
-Facts (``pipeline.md`` §2): 48 kHz stereo in, 25 latent frames/s out (hop 1920), 64-dim latents, no scaling
+Facts (``docs/pipeline.md`` §2): 48 kHz stereo in, 25 latent frames/s out (hop 1920), 64-dim latents, no scaling
 factor or shift. ``encode`` samples the posterior ``mean + (softplus(scale) + 1e-4) * eps``. Long inputs are
 processed in chunks whose overlapping borders are computed and then thrown away (overlap-discard), which is what
 the official pipeline does (30 s / 2 s for encode, 512 / 64 frames for decode).
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderOobleck
 from torch import nn
 
-# The released vae/config.json (pipeline.md §2.1). Keys starting with "_" are diffusers metadata.
+# The released vae/config.json (docs/pipeline.md §2.1). Keys starting with "_" are diffusers metadata.
 RELEASED_VAE_CONFIG: dict[str, Any] = {
     "_class_name": "AutoencoderOobleck",
     "_diffusers_version": "0.34.0",
@@ -49,7 +49,7 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "sampling_rate": 48000,
 }
 
-# Official tiling defaults (pipeline.md §2.6).
+# Official tiling defaults (docs/pipeline.md §2.6).
 DEFAULT_ENCODE_CHUNK_SAMPLES = 1_440_000  # 30 s at 48 kHz
 DEFAULT_ENCODE_OVERLAP_SAMPLES = 96_000  # 2 s at 48 kHz, each side
 DEFAULT_DECODE_CHUNK_FRAMES = 512

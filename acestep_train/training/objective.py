@@ -1,5 +1,5 @@
 """The flow-matching training objective: its pure functions, and :class:`Objective`, which makes the draws and
-computes the loss of a batch (``training.md`` §1–3).
+computes the loss of a batch (``docs/training.md`` §1–3).
 
 Convention (all released code agrees): ``x_t = t * noise + (1 - t) * x0``, the DiT predicts ``v = noise - x0``,
 ``timestep_r = t``. Unlike the existing trainers, the loss is averaged over valid (unpadded) frames only.
@@ -20,7 +20,7 @@ from acestep_train.models.acestep import AceStepModel
 from acestep_train.training.dtype_policy import DtypePolicy
 from acestep_train.training.keyed_rng import Stream, draw_key, keyed_generator, keyed_global_rng
 
-# The official vanilla LoRA trainer's discrete schedule: the 8 turbo shift-3 timesteps (training.md §2).
+# The official vanilla LoRA trainer's discrete schedule: the 8 turbo shift-3 timesteps (docs/training.md §2).
 TURBO_SHIFT_TIMESTEPS = {
     1.0: [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125],
     2.0: [1.0, 0.9333333333333333, 0.8571428571428571, 0.7692307692307693, 0.6666666666666666,

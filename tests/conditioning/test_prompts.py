@@ -1,4 +1,4 @@
-"""Prompt templates against the exact strings of pipeline.md §4.2–4.4 (written out literally here)."""
+"""Prompt templates against the exact strings of docs/pipeline.md §4.2–4.4 (written out literally here)."""
 
 import math
 
@@ -16,7 +16,7 @@ from acestep_train.conditioning.prompts import (
     task_instruction,
 )
 
-# pipeline.md §4.4 example (DiffSynth defaults, duration 160), verbatim.
+# docs/pipeline.md §4.4 example (DiffSynth defaults, duration 160), verbatim.
 DOC_EXAMPLE = """# Instruction
 Fill the audio semantic mask based on the given conditions:
 

@@ -1,4 +1,4 @@
-"""Official-semantics behaviour checked against the documented formulas (``pipeline.md`` §5–6), and APG against
+"""Official-semantics behaviour checked against the documented formulas (``docs/pipeline.md`` §5–6), and APG against
 diffusers' implementation.
 
 The DiffSynth package cannot be the reference where the official pipeline differs from it (turbo tables and shift
@@ -154,7 +154,7 @@ def test_adg_runs_and_stays_finite(sampler):
 # ---- repaint (official) -------------------------------------------------------------------------------------------
 
 def test_official_repaint_matches_the_documented_algorithm(bundle, sampler):
-    """pipeline.md §6.7: zero padding to the range, chunk mask 1 only in the region and silence there, source
+    """docs/pipeline.md §6.7: zero padding to the range, chunk mask 1 only in the region and silence there, source
     (noised with the initial noise to t_next) injected outside for the first round(0.5·N) steps, then the 10-frame
     linear crossfade back to the clean source."""
     dur, rng = 2.0, (1.2, 2.6)  # ends 0.6 s after the source: right padding

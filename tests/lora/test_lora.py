@@ -235,7 +235,7 @@ def test_bf16_base_keeps_fp32_adapters():
 
 
 def test_2b_parameter_count_matches_published_log():
-    """training.md §6: r=64 on q/k/v/o of self + cross attention of the 2B DiT = 44,040,192 (#233)."""
+    """docs/training.md §6: r=64 on q/k/v/o of self + cross attention of the 2B DiT = 44,040,192 (#233)."""
     with torch.device("meta"):
         dec = AceStepDiT(AceStepConfig())
         apply_lora(dec, rank=64, alpha=128, target_modules=ATTN)

@@ -98,7 +98,7 @@ def write_acestep(pairs, path):
 
 def write_peft(pairs, path, rank=RANK, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
     """What the official trainer writes: ``get_peft_model(decoder, LoraConfig(task_type=FEATURE_EXTRACTION,
-    target_modules=[q,k,v,o]_proj))`` then ``save_pretrained`` (training.md §6, §8.1)."""
+    target_modules=[q,k,v,o]_proj))`` then ``save_pretrained`` (docs/training.md §6, §8.1)."""
     import peft
 
     pm = peft.get_peft_model(fresh_decoder(), peft.LoraConfig(
@@ -322,7 +322,7 @@ def test_diffsynth_file_loads_in_diffsynth(trained, tmp_path):
 
 
 def comfy_apply(model_sd: dict[str, torch.Tensor], lora: dict[str, torch.Tensor], strength: float):
-    """ComfyUI's rule for an ACEStep15 model (training.md §8.3, COMFY-L ``model_lora_keys_unet`` /
+    """ComfyUI's rule for an ACEStep15 model (docs/training.md §8.3, COMFY-L ``model_lora_keys_unet`` /
     ``LoRAAdapter.load``): ``base_model.model.{path}`` names ``diffusion_model.decoder.{path}.weight``; with a
     ``{stem}.alpha`` tensor ``scale = alpha / rank`` (rank = lora_A rows), without it ``scale = 1.0``;
     ``W += strength · scale · lora_B @ lora_A``. Returns the new state dict and the scale of each stem."""

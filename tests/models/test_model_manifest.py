@@ -39,7 +39,7 @@ def test_meta_model_matches_released_manifest(name, manifests):
 
 
 def test_parameter_counts_match_reference(manifests):
-    """architecture.md §2.3 totals: 2,393,872,518 (2B) and 4,987,310,726 (XL)."""
+    """docs/architecture.md §2.3 totals: 2,393,872,518 (2B) and 4,987,310,726 (XL)."""
     for name, total in (("turbo", 2_393_872_518), ("xl-turbo", 4_987_310_726)):
         cfg = OmegaConf.to_container(model_config(name), resolve=True)
         with torch.device("meta"):

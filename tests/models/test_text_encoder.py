@@ -99,7 +99,7 @@ def test_lyrics_are_token_embeddings_only(tiny_te):
 
 
 def test_special_tokens_are_whatever_the_tokenizer_adds(tiny_te):
-    # Simulate the upstream Qwen3-Embedding post-processor that appends <|endoftext|> (pipeline.md §10 q6):
+    # Simulate the upstream Qwen3-Embedding post-processor that appends <|endoftext|> (docs/pipeline.md §10 q6):
     # nothing may strip it, and nothing may add one when the tokenizer does not.
     tok = tiny_te.tokenizer
     _, mask_plain = tiny_te.encode_captions(["ab<|endoftext|>\n"])
