@@ -182,8 +182,13 @@ def _check_train(result, new_dirs, **_):
 
 
 def _check_resume(result, base, new_dirs, **kw):
+    """The base run had finished, so the resumed run restores every state, trains no further step (hence writes
+    no new checkpoint: the kill -9 tier covers resuming mid-run) and exports again in its own folder."""
     assert "Restored all states" in result.output, result.explain()
-    _check_train(result, new_dirs)
+    assert "`Trainer.fit` stopped" in result.output, result.explain()
+    assert len(new_dirs) == 1, f"expected one new run folder, got {sorted(new_dirs)}\n{result.explain()}"
+    exports = next(iter(new_dirs)) / "exports"
+    assert sorted(p.name for p in exports.iterdir()) == sorted(ADAPTERS.values()), result.explain()
 
 
 def _check_preprocess(result, caches, **_):
