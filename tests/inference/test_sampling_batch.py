@@ -7,24 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acestep_train import load_model
-from acestep_train.inference import GenerationRequest, Sampler
+from acestep_train.inference import GenerationRequest
 from numerics import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 # diffsynth semantics: no 128-frame minimum, so a few seconds keep the test cheap; batching is the same code path.
 META = dict(bpm=128, keyscale="F# minor", timesignature="4", semantics="diffsynth")
 NOISE = 1e-5  # batched vs alone: different padding and batch shapes, same math
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def sampler(bundle):
-    return Sampler(bundle)
 
 
 class Calls:

@@ -13,24 +13,13 @@ import math
 import pytest
 import torch
 
-from acestep_train import load_model
-from acestep_train.inference import GenerationRequest, Sampler, build_conditions
+from acestep_train.inference import GenerationRequest, build_conditions
 from acestep_train.inference import guidance as G
 from acestep_train.inference import schedules as S
 from numerics import rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 META = dict(bpm=90, keyscale="A minor", timesignature="3")
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    return load_model("tiny")
-
-
-@pytest.fixture(scope="module")
-def sampler(bundle):
-    return Sampler(bundle)
 
 
 def shifted(t: torch.Tensor, s: float) -> torch.Tensor:

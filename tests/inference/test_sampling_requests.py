@@ -22,11 +22,6 @@ SRC = 0.1 * torch.randn(2, 48000, generator=torch.Generator().manual_seed(0))
 CODES = "<|audio_code_1|><|audio_code_2|>"
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return load_model("tiny")
-
-
 @pytest.fixture
 def guarded(bundle, monkeypatch):
     """A sampler whose models explode when touched: errors must come before any heavy work."""
