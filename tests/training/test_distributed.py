@@ -117,6 +117,7 @@ class WriteProbe(L.Callback):
 
         import acestep_train.training.callbacks.validation_audio as va
         import acestep_train.training.export as export
+        import acestep_train.training.train as train
         import acestep_train.training.callbacks.run_record as run_record
         from acestep_train.training.atomic_checkpoint import AtomicCheckpointIO
 
@@ -126,6 +127,7 @@ class WriteProbe(L.Callback):
         self._wrap(va, "write_audio", "audio", lambda a: a[0])
         self._wrap(va, "save_spectrogram_png", "audio", lambda a: a[0])
         self._wrap(export, "export_module", "export", lambda a: a[1])
+        self._wrap(train, "export_module", "export", lambda a: a[1])  # the training job calls its own import
         self._wrap(run_record, "write_run_record", "run_record", lambda a: a[0])
         self._wrap(AtomicCheckpointIO, "save_checkpoint", "checkpoint", lambda a: a[2])
         self._wrap(csv_logs._ExperimentWriter, "log_metrics", "metrics", lambda a: a[0].log_dir)

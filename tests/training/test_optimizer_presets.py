@@ -40,7 +40,8 @@ def one_step(cfg):
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     losses = []
     for step in range(2):  # LoRA B starts at zero: A gets its first gradient on the second step
-        loss = module.loss_terms(demo_batch(), torch.Generator().manual_seed(step))["loss"]
+        loss = module.objective(module.model, module.silence_latent, demo_batch(),
+                                torch.Generator().manual_seed(step)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
