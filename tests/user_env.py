@@ -19,3 +19,17 @@ def user_env(tmp: Path, **extra: str) -> dict[str, str]:
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.update(extra)
     return env
+
+
+def renamed_columns_csv(metadata: Path) -> Path:
+    """A copy of ``metadata`` whose audio and caption columns carry DiffSynth's names (``file``, ``caption``): the
+    dataset a user points ``data.fields={audio: file, prompt: caption}`` at."""
+    import csv
+
+    renamed = metadata.with_name("renamed_columns.csv")
+    with metadata.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    rows[0] = [{"audio": "file", "prompt": "caption"}.get(c, c) for c in rows[0]]
+    with renamed.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    return renamed

@@ -20,7 +20,6 @@ of two points per flavour (the README's config table promises ``-m`` sweeps).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import shutil
 from pathlib import Path
@@ -78,14 +77,10 @@ def tmp_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def flavours(tmp_root) -> dict[str, Flavour]:
     from datamodules.demo import make_demo_dataset
+    from user_env import renamed_columns_csv
 
     metadata = make_demo_dataset(tmp_root / "songs", n=4, seconds=3.0, seed=0)
-    renamed = metadata.with_name("renamed_columns.csv")
-    with metadata.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    rows[0] = [{"audio": "file", "prompt": "caption"}.get(c, c) for c in rows[0]]
-    with renamed.open("w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
+    renamed = renamed_columns_csv(metadata)
     fields_base = ["data=audio", f"data.metadata={renamed}", FIELDS_OVERRIDE, "trainer.max_steps=2"]
     return {"default": Flavour("default", metadata),
             "fields": Flavour("fields", renamed, [FIELDS_OVERRIDE], fields_base)}

@@ -10,7 +10,6 @@ from; and, as the control that works today, ``data=audio`` with standard column 
 
 from __future__ import annotations
 
-import csv
 import os
 
 import pytest
@@ -28,14 +27,10 @@ SEED = int(os.environ.get("ACESTEP_KILL_SEED", "8"))
 @pytest.fixture(scope="module")
 def songs(tmp_path_factory):
     from datamodules.demo import make_demo_dataset
+    from user_env import renamed_columns_csv
 
     metadata = make_demo_dataset(tmp_path_factory.mktemp("kill-data") / "songs", n=4, seconds=3.0, seed=0)
-    renamed = metadata.with_name("renamed_columns.csv")
-    with metadata.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    rows[0] = [{"audio": "file", "prompt": "caption"}.get(c, c) for c in rows[0]]
-    with renamed.open("w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
+    renamed = renamed_columns_csv(metadata)
     return {"plain": metadata, "renamed": renamed}
 
 

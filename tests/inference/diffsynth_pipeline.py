@@ -72,3 +72,13 @@ def compare(setup, ds_kwargs: dict, ours_kwargs: dict, label: str, seed: int = 7
     print(f"\n[{label}] rel err vs diffsynth AceStepPipeline: latents {e_lat:.2e}  audio {e_audio:.2e}")
     assert e_lat <= TOL and e_audio <= TOL, label
     return out
+
+
+def tiny_with_peer():
+    """(bundle, our sampler, DiffSynth's pipeline) on the same tiny random weights."""
+    from acestep_train import load_model
+    from acestep_train.inference import Sampler
+
+    torch.manual_seed(0)
+    bundle = load_model("tiny")
+    return bundle, Sampler(bundle), ds_pipeline(bundle)

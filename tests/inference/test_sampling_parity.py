@@ -26,9 +26,7 @@ import math
 import pytest
 import torch
 
-from acestep_train import load_model
-from acestep_train.inference import Sampler
-from diffsynth_pipeline import compare, ds_pipeline
+from diffsynth_pipeline import compare, tiny_with_peer
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -36,9 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    bundle = load_model("tiny")
-    return bundle, Sampler(bundle), ds_pipeline(bundle)
+    return tiny_with_peer()
 
 
 def source_audio(seconds: float, seed: int = 3) -> torch.Tensor:

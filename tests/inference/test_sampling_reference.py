@@ -8,18 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acestep_train import load_model
-from acestep_train.inference import GenerationRequest, Sampler
-from diffsynth_pipeline import compare, ds_pipeline
+from acestep_train.inference import GenerationRequest
+from diffsynth_pipeline import compare, tiny_with_peer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    bundle = load_model("tiny")
-    return bundle, Sampler(bundle), ds_pipeline(bundle)
+    return tiny_with_peer()
 
 
 def test_reference_audio_timbre(setup):

@@ -20,19 +20,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parents[2]
-MANIFEST_DIRS = (REPO / "acestep_train" / "checkpoints" / "manifests",
-                 REPO.parent / "shared" / "reference" / "checkpoints",
-                 Path("/work/shared/reference/checkpoints"))
+from acestep_train.checkpoints import MANIFEST_DIR
+
 DIT_MANIFEST = {"2b": "acestep-v15-2B.keys.json", "xl": "acestep-v15-XL.keys.json"}
 SHARD_BYTES = 1 << 30
 
 
 def manifest(name: str) -> dict[str, list[int]]:
-    for folder in MANIFEST_DIRS:
-        if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
-    raise FileNotFoundError(f"key manifest {name} not found in {[str(d) for d in MANIFEST_DIRS]}")
+    return json.loads((MANIFEST_DIR / name).read_text())  # shipped in the package
 
 
 def random_tensor(key: str, shape: list[int], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
